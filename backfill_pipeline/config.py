@@ -1,0 +1,337 @@
+"""The backfill config file: one YAML document declaring one or more datasets.
+
+Validated with pydantic when the code location loads, so a wrong key, type or value fails fast with one
+message that names the dataset and the key. Secrets (database passwords, API keys) are never read from
+the file: the file names environment variables and the resources read them through ``dg.EnvVar``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV_VAR = "BACKFILL_CONFIG"
+DEMO_CONFIG_NAME = "demo_config.yaml"
+
+ENRICHMENT_FIELDS = ("skills", "seniority", "summary")
+EnrichmentField = Literal["skills", "seniority", "summary"]
+DatasetName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")]
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or invalid; the message names the dataset and key."""
+
+
+# Identifiers are always quoted in SQL; this only rejects values no database accepts.
+Identifier = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[^\x00]+$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvRef(_Model):
+    """A value read from an environment variable, with an optional non-secret default."""
+
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    default: str | None = None
+
+    def resolve(self) -> str:
+        value = os.environ.get(self.env)
+        if value:
+            return value
+        if self.default is not None:
+            return self.default
+        raise ConfigError(f"environment variable {self.env} is not set and has no default")
+
+
+class TextSpec(_Model):
+    """What text of a row is embedded: a list of columns joined, or a ``str.format`` template."""
+
+    columns: list[Identifier] | None = None
+    template: str | None = None
+    separator: str = "\n\n"
+    required_columns: list[Identifier] = Field(
+        default_factory=list,
+        description="Rows where any of these is empty are skipped as 'no_text'. "
+        "Default: a row is skipped only when every field is empty.",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TextSpec:
+        if (self.columns is None) == (self.template is None):
+            raise ValueError("give exactly one of 'columns' or 'template'")
+        if self.columns is not None and not self.columns:
+            raise ValueError("'columns' must list at least one column")
+        fields = self.fields
+        if not fields:
+            raise ValueError("the template must reference at least one column, e.g. '{title}'")
+        missing = [c for c in self.required_columns if c not in fields]
+        if missing:
+            raise ValueError(f"required_columns {missing} are not among the text fields {fields}")
+        return self
+
+    @cached_property
+    def fields(self) -> list[str]:
+        if self.columns is not None:
+            return list(dict.fromkeys(self.columns))
+        names: list[str] = []
+        try:
+            parsed = list(string.Formatter().parse(self.template or ""))
+        except ValueError as exc:
+            raise ValueError(f"template is not a valid format string: {exc}") from exc
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conversion:
+                raise ValueError(f"template field {{{name}}} must be a plain column name")
+            names.append(name)
+        return list(dict.fromkeys(names))
+
+
+class TargetSpec(_Model):
+    """Where results go: the source table itself, or a separate table keyed by the row id."""
+
+    mode: Literal["in_place", "table"] = "in_place"
+    table: Identifier | None = None
+    schema_name: Identifier | None = Field(default=None, alias="schema")
+    id_column: Identifier = "id"
+
+    @model_validator(mode="after")
+    def _table_when_separate(self) -> TargetSpec:
+        if self.mode == "table" and not self.table:
+            raise ValueError("mode 'table' needs 'table': the name of the separate results table")
+        if self.mode == "in_place" and self.table:
+            raise ValueError("'table' is only used with mode: table")
+        return self
+
+
+class RateLimitSpec(_Model):
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+
+
+class _ProviderSpec(_Model):
+    provider: Literal["offline", "openai", "gemini"] = "offline"
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (never the key itself).",
+    )
+    base_url: str | None = None
+    max_in_flight: int = Field(default=8, gt=0, le=512)
+    rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec)
+    price_per_million_input_tokens: float = Field(default=0.0, ge=0)
+    price_per_million_output_tokens: float = Field(default=0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).password:
+            raise ValueError("must not contain credentials; put the key in the environment")
+        return value
+
+    @property
+    def resolved_api_key_env(self) -> str | None:
+        if self.api_key_env:
+            return self.api_key_env
+        return {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}.get(self.provider)
+
+
+class EmbeddingSpec(_ProviderSpec):
+    model: str = "offline-hash-v1"
+    column: Identifier = "embedding"
+    dimension: int = Field(gt=0, le=16000)
+    batch_size: int = Field(default=256, gt=0, le=2048, description="Inputs per provider request.")
+    include_enrichment: bool = Field(
+        default=False, description="Append the enrichment's summary and skills to the embedded text."
+    )
+    task_type: str | None = None
+
+
+class EnrichmentSpec(_ProviderSpec):
+    enabled: bool = False
+    model: str = "offline-rules-v1"
+    fields: list[EnrichmentField] = Field(default_factory=lambda: list(ENRICHMENT_FIELDS))
+    columns: dict[EnrichmentField, Identifier] = Field(default_factory=dict)
+    batch_size: int = Field(default=16, gt=0, le=1000, description="Rows handed to the provider at once.")
+
+    @model_validator(mode="after")
+    def _columns_for_fields(self) -> EnrichmentSpec:
+        unknown = set(self.columns) - set(self.fields)
+        if unknown:
+            raise ValueError(f"columns given for fields that are not enabled: {sorted(unknown)}")
+        if not self.fields:
+            raise ValueError("'fields' must list at least one of skills, seniority, summary")
+        return self
+
+    def column_for(self, field: str) -> str:
+        return self.columns.get(field, field)  # type: ignore[call-overload]
+
+
+class PartitioningSpec(_Model):
+    kind: Literal["id_range", "archive"] = "id_range"
+    width: int = Field(default=10_000, gt=0, le=10_000_000_000)
+
+
+class BookkeepingColumns(_Model):
+    """Columns the pipeline owns besides the embedding and enrichment fields."""
+
+    content_hash: Identifier = "content_hash"
+    model: Identifier = "embedding_model"
+    embedded_at: Identifier = "embedded_at"
+    enriched_at: Identifier = "enriched_at"
+
+
+class ScheduleSpec(_Model):
+    enabled: bool = True
+    cron: str = "0 */6 * * *"
+    max_runs_per_tick: int = Field(default=10, gt=0)
+
+
+class SensorSpec(_Model):
+    enabled: bool = True
+    interval_seconds: int = Field(default=60, ge=5)
+
+
+class DatasetConfig(_Model):
+    database_url: str | EnvRef
+    table: Identifier
+    schema_name: Identifier | None = Field(default=None, alias="schema")
+    id_column: Identifier = "id"
+    text: TextSpec
+    row_filter: str | None = Field(
+        default=None,
+        description="Trusted SQL boolean expression over the source table's columns; the only raw SQL.",
+    )
+    archive_column: Identifier | None = None
+    target: TargetSpec = Field(default_factory=TargetSpec)
+    embedding: EmbeddingSpec
+    enrichment: EnrichmentSpec = Field(default_factory=EnrichmentSpec)
+    partitioning: PartitioningSpec = Field(default_factory=PartitioningSpec)
+    bookkeeping: BookkeepingColumns = Field(default_factory=BookkeepingColumns)
+    unhashed_rows: Literal["trust", "redo"] = Field(
+        default="trust",
+        description="Rows holding a valid embedding but no content hash (embedded before this tool): "
+        "'trust' keeps them, 'redo' re-embeds them.",
+    )
+    read_batch_size: int = Field(default=2_000, gt=0)
+    write_batch_size: int = Field(default=500, gt=0)
+    failure_cooldown_hours: float = Field(default=24.0, ge=0)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    sensor: SensorSpec = Field(default_factory=SensorSpec)
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_password_in_file(cls, value: str | EnvRef) -> str | EnvRef:
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            if parts.scheme not in ("sqlite", "postgresql", "postgres", "postgresql+psycopg"):
+                raise ValueError(f"unsupported scheme {parts.scheme!r}: use sqlite:/// or postgresql://")
+            if parts.password:
+                raise ValueError(
+                    "must not hold a password: write `database_url: {env: MY_DATABASE_URL}` "
+                    "and set the URL in that environment variable"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetConfig:
+        if self.partitioning.kind == "archive" and not self.archive_column:
+            raise ValueError("partitioning.kind 'archive' needs 'archive_column'")
+        if self.embedding.include_enrichment and not self.enrichment.enabled:
+            raise ValueError("embedding.include_enrichment needs enrichment.enabled: true")
+        owned = self.result_columns
+        text_overlap = set(owned) & set(self.text.fields)
+        if self.target.mode == "in_place" and text_overlap:
+            raise ValueError(f"result columns {sorted(text_overlap)} are also text fields")
+        if len(set(owned)) != len(owned):
+            raise ValueError(f"result columns must be distinct, got {owned}")
+        return self
+
+    @property
+    def enrichment_columns(self) -> dict[str, str]:
+        if not self.enrichment.enabled:
+            return {}
+        return {f: self.enrichment.column_for(f) for f in self.enrichment.fields}
+
+    @property
+    def result_columns(self) -> list[str]:
+        """Every column the pipeline writes; nothing else is ever changed."""
+        cols = [
+            self.embedding.column,
+            self.bookkeeping.content_hash,
+            self.bookkeeping.model,
+            self.bookkeeping.embedded_at,
+        ]
+        if self.enrichment.enabled:
+            cols += [*self.enrichment_columns.values(), self.bookkeeping.enriched_at]
+        return cols
+
+    def database_url_value(self) -> str:
+        return self.database_url if isinstance(self.database_url, str) else self.database_url.resolve()
+
+
+class BackfillConfig(_Model):
+    datasets: dict[DatasetName, DatasetConfig] = Field(min_length=1)
+
+
+def _location(loc: tuple) -> tuple[str | None, str]:
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "datasets":
+        # pydantic inserts the union member's tag ("str", "EnvRef") into the path; it is not a key.
+        key = [p for p in parts[2:] if p not in ("str", "EnvRef")]
+        return parts[1], ".".join(key) or "(dataset)"
+    return None, ".".join(parts) or "(top level)"
+
+
+def _describe(error: dict) -> str:
+    dataset, key = _location(error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling and level)"
+    where = f"dataset '{dataset}', key '{key}'" if dataset else f"key '{key}'"
+    return f"{where}: {msg}"
+
+
+def parse_config(data: object, source: str = "<config>") -> BackfillConfig:
+    """Validate a loaded YAML document, turning pydantic's report into one readable message."""
+    try:
+        return BackfillConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = sorted({_describe(e) for e in exc.errors()})
+        raise ConfigError(f"invalid backfill config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def config_path() -> Path | None:
+    value = os.environ.get(CONFIG_ENV_VAR)
+    return Path(value) if value else None
+
+
+def load_config(path: Path | str | None = None) -> BackfillConfig:
+    """Load the config from ``path``, else ``$BACKFILL_CONFIG``, else the built-in demo config."""
+    path = Path(path) if path else config_path()
+    if path is None:
+        text = resources.files("backfill_pipeline").joinpath(DEMO_CONFIG_NAME).read_text()
+        source = "(built-in demo config)"
+    else:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read backfill config {path} (from ${CONFIG_ENV_VAR}): {exc}") from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"backfill config {source} is not valid YAML: {exc}") from None
+    return parse_config(data, source)

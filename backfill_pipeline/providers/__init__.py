@@ -1,0 +1,39 @@
+"""Provider construction from a dataset's config; the key comes from the environment via a resource."""
+
+from __future__ import annotations
+
+from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
+from .base import EmbeddingProvider, EnrichmentProvider
+from .offline_embedding import OfflineEmbeddingProvider
+from .offline_enrichment import OfflineEnrichmentProvider
+
+
+def build_embedding_provider(spec: EmbeddingSpec, api_key: str | None = None) -> EmbeddingProvider:
+    if spec.provider == "offline":
+        return OfflineEmbeddingProvider(model=spec.model, dimension=spec.dimension)
+    if spec.provider == "openai":
+        from .openai_provider import OpenAIEmbeddingProvider
+
+        return OpenAIEmbeddingProvider(spec, api_key)
+    if spec.provider == "gemini":
+        from .gemini_provider import GeminiEmbeddingProvider
+
+        return GeminiEmbeddingProvider(spec, api_key)
+    raise ConfigError(f"unknown embedding provider {spec.provider!r}")
+
+
+def build_enrichment_provider(spec: EnrichmentSpec, api_key: str | None = None) -> EnrichmentProvider:
+    if spec.provider == "offline":
+        return OfflineEnrichmentProvider(model=spec.model)
+    if spec.provider == "openai":
+        from .openai_provider import OpenAIEnrichmentProvider
+
+        return OpenAIEnrichmentProvider(spec, api_key)
+    if spec.provider == "gemini":
+        from .gemini_provider import GeminiEnrichmentProvider
+
+        return GeminiEnrichmentProvider(spec, api_key)
+    raise ConfigError(f"unknown enrichment provider {spec.provider!r}")
+
+
+__all__ = ["build_embedding_provider", "build_enrichment_provider"]
