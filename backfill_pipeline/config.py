@@ -298,6 +298,8 @@ def _location(loc: tuple) -> tuple[str | None, str]:
 def _describe(error: dict) -> str:
     dataset, key = _location(error["loc"])
     msg = error["msg"].removeprefix("Value error, ")
+    if key == "[key]":
+        return f"dataset name '{dataset}': {msg} (lower case letters, digits and underscores)"
     if error["type"] == "extra_forbidden":
         msg = "unknown key (check its spelling and level)"
     where = f"dataset '{dataset}', key '{key}'" if dataset else f"key '{key}'"

@@ -27,7 +27,6 @@ def build_definitions(config: BackfillConfig) -> dg.Definitions:
         job = dg.define_asset_job(
             job_name(name),
             selection=dg.AssetSelection.assets(*dataset_assets),
-            partitions_def=partitions_def,
             description=f"Backfill {dataset.table}: detect, enrich, embed and write one partition.",
         )
         jobs.append(job)

@@ -36,8 +36,22 @@ ROLES = {
     "Recruiter": ["recruitment", "communication", "negotiation", "stakeholder management"],
 }
 LEVELS = [("Junior ", 1), ("", 3), ("Senior ", 6), ("Lead ", 8), ("Principal ", 10)]
-COMPANY_HEADS = ["Acme", "Northwind", "Globex", "Initech", "Hooli", "Vandelay", "Tyrell", "Cyberdyne",
-                 "Blue Harbor", "Evergreen", "Quantum Leaf", "Redwood", "Silverline", "Brightpath"]
+COMPANY_HEADS = [
+    "Acme",
+    "Northwind",
+    "Globex",
+    "Initech",
+    "Hooli",
+    "Vandelay",
+    "Tyrell",
+    "Cyberdyne",
+    "Blue Harbor",
+    "Evergreen",
+    "Quantum Leaf",
+    "Redwood",
+    "Silverline",
+    "Brightpath",
+]
 COMPANY_TAILS = ["Labs", "Systems", "Analytics", "Group", "Digital", "Health", "Logistics", "Energy", "Finance"]
 INDUSTRIES = ["healthcare", "logistics", "fintech", "e-commerce", "renewable energy", "media", "education"]
 CITIES = ["Amsterdam", "Berlin", "Copenhagen", "Lisbon", "Oslo", "Utrecht", "Warsaw", "Dublin", "Remote"]
@@ -51,8 +65,16 @@ RESPONSIBILITIES = [
     "automate repetitive work so the team can focus on what matters",
     "report on results to stakeholders every month",
 ]
-BENEFITS = ["a learning budget", "flexible hours", "a pension plan", "30 vacation days", "a yearly offsite",
-            "remote-first working", "a company laptop of your choice", "parental leave above the legal minimum"]
+BENEFITS = [
+    "a learning budget",
+    "flexible hours",
+    "a pension plan",
+    "30 vacation days",
+    "a yearly offsite",
+    "remote-first working",
+    "a company laptop of your choice",
+    "parental leave above the legal minimum",
+]
 
 STATES = [  # (state, share)
     ("null", 0.28),
@@ -147,8 +169,22 @@ def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dime
             enriched_at = "2025-01-01T00:00:00+00:00"
         posted = f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}"
         records.append(
-            (i + 1, posting["title"], posting["company"], posting["location"], posting["description"], posted,
-             embedding, hash_, model, embedded_at, skills, seniority, summary, enriched_at)
+            (
+                i + 1,
+                posting["title"],
+                posting["company"],
+                posting["location"],
+                posting["description"],
+                posted,
+                embedding,
+                hash_,
+                model,
+                embedded_at,
+                skills,
+                seniority,
+                summary,
+                enriched_at,
+            )
         )
 
     conn = sqlite3.connect(path)

@@ -122,7 +122,7 @@ _TITLE_LEVELS = [
     ("mid", r"mid|mid-level|intermediate|medior"),
 ]
 _LEVEL_LINE = re.compile(r"experience level:?\s*\n?\s*([a-z\- ]+)")
-_YEARS = re.compile(r"(\d{1,2})\s*\+?\s*(?:-\s*\d{1,2}\s*)?(?:years|yrs)")
+_YEARS = re.compile(r"(\d{1,2})\s*\+?\s*(?:-\s*\d{1,2}\s*)?(?:years?|yrs?)\b")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _ROLE_WORDS = re.compile(r"\b(?:you will|we are looking|we're looking|responsib|join|role|seeking|hiring)\b")
 

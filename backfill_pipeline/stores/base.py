@@ -28,7 +28,8 @@ class MissingColumnsError(StoreError):
     def __init__(self, dataset: str, table: str, columns: Sequence[str]):
         self.columns = list(columns)
         super().__init__(
-            f"dataset '{dataset}': table {table} lacks the result column(s) {', '.join(self.columns)}. "
+            f"dataset '{dataset}': the database lacks {', '.join(self.columns)} (result columns of {table} "
+            "or the pipeline's own tables). "
             f"Add them with `backfill-pipeline migrate --dataset {dataset}` "
             f"or run the raw_rows asset with config `migrate: true`."
         )

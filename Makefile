@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine (Python 3.10-3.12 and make are all it needs):
+#   make demo   install, then run the main job on the embedded demo (SQLite + offline providers)
+#   make test   install the test dependencies, then run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: demo test install install-test dev lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.local.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/backfill-pipeline demo
+
+test: install-test
+	$(BIN)/python -m pytest
+
+dev: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml
+
+lint: install-test
+	$(BIN)/ruff check backfill_pipeline backfill_pipeline_tests
+	$(BIN)/ruff format --check backfill_pipeline backfill_pipeline_tests
+
+clean:
+	rm -rf .backfill .dagster_home

@@ -1,0 +1,357 @@
+"""``backfill-pipeline``: the operator's commands around the Dagster code location.
+
+``demo`` is the one-command tour: create the demo database, register its partitions, show coverage,
+materialize every partition of the whole graph through Dagster, and show coverage again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .config import BackfillConfig, ConfigError, DatasetConfig, load_config
+from .coverage import Coverage, partition_coverage
+from .detection import Reason
+from .partitions import partition_activity, partition_spec, partitions_def_for, register_partitions
+from .stores import StoreError, open_store
+from .stores.sqlite import sqlite_path
+
+
+@functools.cache
+def _instance():
+    """The Dagster instance of $DAGSTER_HOME, or of ./.dagster_home (created) when it is unset."""
+    import dagster as dg
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = Path(".dagster_home").resolve()
+        home.mkdir(exist_ok=True)
+        os.environ["DAGSTER_HOME"] = str(home)
+    settings = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text(
+            "# local instance: metadata in SQLite files beside this one\ntelemetry:\n  enabled: false\n"
+        )
+    return dg.DagsterInstance.get()
+
+
+def _datasets(config: BackfillConfig, only: str | None) -> dict[str, DatasetConfig]:
+    if only is None:
+        return dict(config.datasets)
+    if only not in config.datasets:
+        raise ConfigError(f"no dataset named {only!r}; the config has {', '.join(config.datasets)}")
+    return {only: config.datasets[only]}
+
+
+def _print_table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool) -> list[list[object]]:
+    rows: list[list[object]] = []
+    total = Coverage()
+    with open_store(name, dataset) as store:
+        store.check_schema()
+        for key, _ in partition_activity(store, dataset):
+            cov = partition_coverage(store, dataset, partition_spec(key, dataset, store))
+            total.add(cov)
+            if by_partition:
+                rows.append(_coverage_row(name, key, cov))
+    rows.append(_coverage_row(name, "(all)", total))
+    return rows
+
+
+def _coverage_row(name: str, key: str, cov: Coverage) -> list[object]:
+    pending = {r: n for r, n in cov.reasons.items() if r not in (Reason.OK.value, Reason.NO_TEXT.value)}
+    detail = ", ".join(f"{r}={n}" for r, n in sorted(pending.items())) or "-"
+    return [name, key, cov.rows, cov.with_text, cov.covered, f"{cov.percent:.1f}%", detail]
+
+
+def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
+    rows: list[list[object]] = []
+    for name, dataset in _datasets(config, args.dataset).items():
+        rows += _coverage_rows(name, dataset, args.by_partition)
+    _print_table(["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"], rows)
+    return 0
+
+
+def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
+    from .demo_data import create_demo_database
+
+    path = Path(args.path) if args.path else sqlite_path(config.datasets["jobs"].database_url_value())
+    if path.exists() and not args.force:
+        print(f"{path} exists; pass --force to recreate it")
+        return 1
+    create_demo_database(path, rows=args.rows, seed=args.seed)
+    with open_store("jobs", config.datasets["jobs"], f"sqlite:///{path}") as store:
+        store.migrate()
+    print(f"created {path} with {args.rows} job postings (seed {args.seed})")
+    return 0
+
+
+def cmd_migrate(config: BackfillConfig, args: argparse.Namespace) -> int:
+    for name, dataset in _datasets(config, args.dataset).items():
+        with open_store(name, dataset) as store:
+            added = store.migrate()
+        print(f"{name}: {'added ' + ', '.join(added) if added else 'schema already up to date'}")
+    return 0
+
+
+def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, list[str]]:
+    instance = _instance()
+    registered = {}
+    for name, dataset in _datasets(config, only).items():
+        with open_store(name, dataset) as store:
+            keys = [k for k, _ in partition_activity(store, dataset)]
+        added = register_partitions(instance, name, keys)
+        registered[name] = keys
+        print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
+    return registered
+
+
+def cmd_register(config: BackfillConfig, args: argparse.Namespace) -> int:
+    register_all(config, args.dataset)
+    return 0
+
+
+def materialize_partitions(
+    config: BackfillConfig, name: str, keys: list[str], *, force: bool = False, limit: int | None = None
+) -> bool:
+    """Run the dataset's job for each partition key in this process; True when every run succeeded."""
+    from .definitions import build_definitions, job_name
+
+    defs = build_definitions(config)
+    job = defs.resolve_job_def(job_name(name))
+    instance = _instance()
+    detection: dict[str, object] = {"force": force}
+    if limit:
+        detection["limit"] = limit
+    run_config = {
+        "ops": {f"{name}__detected_placeholders": {"config": detection}},
+        # the full event log is in the instance (and the UI); the terminal gets warnings and a line per run
+        "loggers": {"console": {"config": {"log_level": os.environ.get("BACKFILL_LOG_LEVEL", "WARNING")}}},
+    }
+    ok = True
+    for n, key in enumerate(keys, 1):
+        started = time.monotonic()
+        result = job.execute_in_process(
+            partition_key=key, instance=instance, run_config=run_config, raise_on_error=False
+        )
+        written = 0
+        for event in result.get_asset_materialization_events():
+            mat = event.event_specific_data.materialization  # type: ignore[union-attr]
+            if mat.asset_key.path[-1] == "written_table":
+                written = mat.metadata["rows_written"].value
+        status = "ok" if result.success else "FAILED"
+        print(
+            f"  [{n}/{len(keys)}] {name} {key}: {status}, {written} rows written in "
+            f"{time.monotonic() - started:.1f}s (run {result.run_id[:8]})"
+        )
+        ok &= result.success
+    return ok
+
+
+def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
+    ok = True
+    instance = _instance()
+    for name in _datasets(config, args.dataset):
+        keys = args.partition or instance.get_dynamic_partitions(partitions_def_for(name).name)
+        if not keys:
+            print(f"{name}: no partitions registered; run `backfill-pipeline register` first")
+            ok = False
+            continue
+        ok &= materialize_partitions(config, name, keys, force=args.force, limit=args.limit)
+    return 0 if ok else 1
+
+
+def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
+    """Dry run: what needs work and what it would cost, without calling a provider or writing."""
+    from .detection import detect
+
+    for name, dataset in _datasets(config, args.dataset).items():
+        reasons: Counter = Counter()
+        chars_embed = chars_enrich = rows_embed = rows_enrich = 0
+        with open_store(name, dataset) as store:
+            store.check_schema()
+            for key, _ in partition_activity(store, dataset):
+                raw = store.read_partition(partition_spec(key, dataset, store))
+                cooling = store.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
+                detected = detect(raw, dataset, force=args.force, cooling_ids=cooling)
+                reasons.update(detected.column("reason").to_pylist())
+                for text, emb, enr in zip(
+                    detected.column("text").to_pylist(),
+                    detected.column("needs_embedding").to_pylist(),
+                    detected.column("needs_enrichment").to_pylist(),
+                    strict=True,
+                ):
+                    rows_embed += emb
+                    rows_enrich += enr
+                    chars_embed += len(text or "") * emb
+                    chars_enrich += len(text or "") * enr
+        emb, enr = dataset.embedding, dataset.enrichment
+        tokens_embed, tokens_enrich = chars_embed // 4, chars_enrich // 4  # ~4 characters per token
+        requests_embed = math.ceil(rows_embed / emb.batch_size) if rows_embed else 0
+        requests_enrich = rows_enrich if enr.provider != "offline" else math.ceil(rows_enrich / enr.batch_size)
+        cost = tokens_embed / 1e6 * emb.price_per_million_input_tokens + (
+            tokens_enrich / 1e6 * enr.price_per_million_input_tokens
+            + rows_enrich * 300 / 1e6 * enr.price_per_million_output_tokens
+        )
+        minutes = max(
+            _minutes(requests_embed, tokens_embed, emb.rate_limit),
+            _minutes(requests_enrich, tokens_enrich, enr.rate_limit),
+        )
+        print(f"{name}: {sum(reasons.values())} rows")
+        for reason, count in sorted(reasons.items()):
+            print(f"  {reason:<24} {count}")
+        print(f"  embedding:  {rows_embed} rows, ~{tokens_embed:,} tokens, {requests_embed} requests ({emb.model})")
+        if enr.enabled:
+            print(
+                f"  enrichment: {rows_enrich} rows, ~{tokens_enrich:,} tokens in, {requests_enrich} requests ({enr.model})"
+            )
+        print(f"  estimated cost ${cost:.4f} at configured prices; at least {minutes:.1f} min at configured limits")
+    print("dry run: no provider was called and nothing was written")
+    return 0
+
+
+def _minutes(requests: int, tokens: int, limit) -> float:
+    bounds = [0.0]
+    if limit.requests_per_minute:
+        bounds.append(requests / limit.requests_per_minute)
+    if limit.tokens_per_minute:
+        bounds.append(tokens / limit.tokens_per_minute)
+    return max(bounds)
+
+
+def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
+    rows = []
+    for name, dataset in _datasets(config, args.dataset).items():
+        with open_store(name, dataset) as store:
+            store.check_schema()
+            for f in store.failures(args.limit):
+                rows.append(
+                    [
+                        name,
+                        f["row_id"],
+                        f["stage"],
+                        f["error_class"],
+                        f["attempts"],
+                        f["last_failed_at"],
+                        "yes" if f["requeued"] else "no",
+                        f["message"][:80],
+                    ]
+                )
+    if not rows:
+        print("no failures recorded")
+        return 0
+    _print_table(["dataset", "row id", "stage", "class", "attempts", "last failed", "requeued", "message"], rows)
+    return 0
+
+
+def cmd_requeue(config: BackfillConfig, args: argparse.Namespace) -> int:
+    for name, dataset in _datasets(config, args.dataset).items():
+        with open_store(name, dataset) as store:
+            n = store.requeue_failures(args.ids or None)
+        print(f"{name}: {n} failed rows re-queued; the next run of their partition retries them")
+    return 0
+
+
+def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
+    from .demo_data import create_demo_database
+
+    name = "jobs"
+    dataset = config.datasets.get(name)
+    if dataset is None or not dataset.database_url_value().startswith("sqlite"):
+        raise ConfigError("`demo` runs on the built-in demo config; unset BACKFILL_CONFIG")
+    path = sqlite_path(dataset.database_url_value())
+    if args.fresh or not path.exists():
+        create_demo_database(path, rows=args.rows, seed=args.seed)
+        print(f"created demo database {path}: {args.rows} job postings (seed {args.seed})")
+    with open_store(name, dataset) as store:
+        added = store.migrate()
+    if added:
+        print(f"migrated: added {', '.join(added)}")
+    print(f"Dagster instance: {_instance().root_directory}")
+    keys = register_all(config, name)[name]
+    print("\ncoverage before:")
+    _print_table(
+        ["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"],
+        _coverage_rows(name, dataset, by_partition=False),
+    )
+    print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
+    started = time.monotonic()
+    ok = materialize_partitions(config, name, keys)
+    seconds = time.monotonic() - started
+    print("\ncoverage after:")
+    rows = _coverage_rows(name, dataset, by_partition=False)
+    _print_table(["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"], rows)
+    total_rows = rows[-1][2]
+    print(
+        f"\n{total_rows} rows through the graph in {seconds:.1f}s ({int(total_rows) / seconds:.0f} rows/s, "
+        "including Dagster's per-run start-up)"
+    )
+    print("next: `make dev` (or `dagster dev -w workspace.yaml`) to browse the runs and the asset graph")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backfill-pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="config file (default: $BACKFILL_CONFIG, else the built-in demo)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help: str, dataset: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        if dataset:
+            p.add_argument("--dataset", help="only this dataset (default: all)")
+        return p
+
+    p = add("demo", cmd_demo, "create the demo database and run the whole graph on every partition", False)
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--fresh", action="store_true", help="recreate the demo database first")
+    p = add("create-demo-db", cmd_create_demo_db, "create the demo SQLite database", False)
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--path", help="file to create (default: the demo config's database)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    add("register", cmd_register, "register the partitions that hold rows in the Dagster instance")
+    p = add("coverage", cmd_coverage, "show coverage per dataset (and partition)")
+    p.add_argument("--by-partition", action="store_true")
+    add("migrate", cmd_migrate, "add missing result columns, results table and failures table")
+    p = add("plan", cmd_plan, "dry run: rows needing work by reason, tokens, requests, cost, minutes")
+    p.add_argument("--force", action="store_true", help="plan a full re-embed")
+    p = add("materialize", cmd_materialize, "run the graph for registered partitions in this process")
+    p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
+    p.add_argument("--force", action="store_true", help="redo every row")
+    p.add_argument("--limit", type=int, help="at most this many rows per partition")
+    p = add("failures", cmd_failures, "list recorded failures with their error")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("requeue", cmd_requeue, "make failed rows eligible for the next run at once")
+    p.add_argument("--ids", nargs="*", help="only these row ids")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return args.fn(config, args)
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

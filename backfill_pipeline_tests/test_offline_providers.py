@@ -1,0 +1,85 @@
+"""The offline providers: deterministic, normalised, lexically honest; rules that find skills and levels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from backfill_pipeline.providers.base import Enrichment
+from backfill_pipeline.providers.offline_embedding import OfflineEmbeddingProvider, hashed_ngram_vectors
+from backfill_pipeline.providers.offline_enrichment import (
+    OfflineEnrichmentProvider,
+    extract_skills,
+    extractive_summary,
+    infer_seniority,
+)
+
+from .conftest import SHARED
+
+
+def test_embeddings_are_deterministic_normalised_any_dimension() -> None:
+    texts = ["Senior Python developer", "Pastry chef", ""]
+    for dim in (3, 384, 768, 1536):
+        a = hashed_ngram_vectors(texts, dim)
+        b = hashed_ngram_vectors(list(reversed(texts)), dim)[::-1]
+        assert a.shape == (3, dim) and a.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(a, b)  # a text's vector does not depend on its batch
+
+
+def test_embeddings_capture_lexical_similarity() -> None:
+    query, near, far = hashed_ngram_vectors(
+        [
+            "Senior Python backend engineer, Django and PostgreSQL",
+            "Python engineer (senior) for our Django / Postgres backend",
+            "Pastry chef wanted for a French bakery, early mornings",
+        ],
+        768,
+    )
+    assert query @ near > 0.3
+    assert abs(query @ far) < 0.15
+    assert query @ near > 3 * abs(query @ far)
+
+
+def test_provider_counts_requests() -> None:
+    provider = OfflineEmbeddingProvider(dimension=16)
+    asyncio.run(provider.embed(["a", "b"]))
+    assert (provider.usage.requests, provider.usage.inputs) == (1, 2)
+
+
+def test_enrichment_rules() -> None:
+    text = (
+        "Senior Data Engineer at Acme\n\nWe are looking for a data engineer to build pipelines with Python, "
+        "Spark and Airflow on AWS. You need 6+ years of experience with SQL and Kubernetes."
+    )
+    skills = extract_skills(text)
+    assert {"Python", "Spark", "Airflow", "AWS", "SQL", "Kubernetes"} <= set(skills)
+    assert infer_seniority("Senior Data Engineer at Acme", text) == "senior"
+    assert infer_seniority("Data Engineer", "needs 1 year of experience") == "junior"
+    assert infer_seniority("Head of Sales", "") == "executive"
+    assert "looking for a data engineer" in extractive_summary(text)
+    answer = asyncio.run(OfflineEnrichmentProvider().enrich([text]))[0]
+    assert Enrichment.model_validate(answer).seniority == "senior"
+
+
+@pytest.mark.skipif(not (SHARED / "data/skillspan/postings.jsonl").exists(), reason="../shared data absent")
+def test_enrichment_against_skillspan_labels() -> None:
+    rows = [json.loads(line) for line in (SHARED / "data/skillspan/postings.jsonl").open()]
+    answers = asyncio.run(OfflineEnrichmentProvider().enrich([r["text"] for r in rows]))
+    # labels list one or more levels ("Mid-Level Senior"); a prediction among them counts as right
+    levels = {"junior": "junior", "mid-level": "mid", "senior": "senior", "lead": "lead", "manager": "lead"}
+    labelled = correct = 0
+    for row, answer in zip(rows, answers, strict=True):
+        lines = row["text"].split("\n")
+        if "Experience level:" in lines:
+            words = lines[lines.index("Experience level:") + 1].strip().lower().split()
+            accepted = {levels[w] for w in words if w in levels}
+            if accepted:
+                labelled += 1
+                correct += answer["seniority"] in accepted
+    assert labelled >= 50
+    assert correct / labelled > 0.8
+    assert all(Enrichment.model_validate(a) for a in answers)
