@@ -218,7 +218,8 @@ def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
         print(f"  embedding:  {rows_embed} rows, ~{tokens_embed:,} tokens, {requests_embed} requests ({emb.model})")
         if enr.enabled:
             print(
-                f"  enrichment: {rows_enrich} rows, ~{tokens_enrich:,} tokens in, {requests_enrich} requests ({enr.model})"
+                f"  enrichment: {rows_enrich} rows, ~{tokens_enrich:,} tokens in, "
+                f"{requests_enrich} requests ({enr.model})"
             )
         print(f"  estimated cost ${cost:.4f} at configured prices; at least {minutes:.1f} min at configured limits")
     print("dry run: no provider was called and nothing was written")

@@ -1,0 +1,121 @@
+"""The commands a user types, run as subprocesses: the README's main job, the CLI, and Dagster's own CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from backfill_pipeline.detection import classify_vectors
+from backfill_pipeline.rows import vector_array
+
+from .conftest import demo_config_dict, query, subprocess_env, write_config
+
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_main_job_on_a_small_demo(tmp_path: Path) -> None:
+    env = subprocess_env()
+    env.pop("BACKFILL_CONFIG", None)
+    env.pop("DAGSTER_HOME", None)
+    done = subprocess.run(
+        [str(BIN / "backfill-pipeline"), "demo", "--rows", "300", "--fresh"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    before, after = out.split("coverage before:")[1].split("coverage after:")
+    assert "100.0%" not in before and "null_embedding=" in before
+    row = next(line.split() for line in after.splitlines() if "(all)" in line)
+    assert row[:2] == ["jobs", "(all)"] and row[2] == "300"
+    assert row[3] == row[4] and row[5] == "100.0%"  # every row with text is covered
+    assert "rows/s" in out
+    db = tmp_path / ".backfill" / "demo_jobs.sqlite"
+    rows = query(db, "SELECT embedding, skills, seniority, summary FROM job_postings WHERE description != ''")
+    vectors = [np.array(json.loads(r[0]), dtype=np.float32) for r in rows]
+    assert set(classify_vectors(vector_array(vectors), 768)) == {"ok"}
+    assert all(r[1] and r[2] and r[3] for r in rows)
+    assert (tmp_path / ".dagster_home" / "dagster.yaml").exists()
+
+
+def test_register_then_dagster_asset_materialize_one_partition(tmp_path: Path) -> None:
+    db = tmp_path / "demo.sqlite"
+    config = write_config(tmp_path, demo_config_dict(db))
+    env = {"BACKFILL_CONFIG": str(config), "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    cli = str(BIN / "backfill-pipeline")
+    made = run([cli, "create-demo-db", "--rows", "250", "--path", str(db)], tmp_path, **env)
+    assert made.returncode == 0, made.stderr
+    registered = run([cli, "register"], tmp_path, **env)
+    assert "jobs: 3 partitions (3 newly registered)" in registered.stdout, registered.stderr
+
+    before = query(db, "SELECT COUNT(*) FROM job_postings WHERE id BETWEEN 100 AND 199 AND embedding IS NULL")[0][0]
+    assert before > 0
+    done = run(
+        [
+            str(BIN / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "backfill_pipeline.definitions",
+            "--select",
+            "group:jobs",
+            "--partition",
+            "0000000100-0000000199",
+        ],
+        tmp_path,
+        **env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RUN_SUCCESS" in done.stderr
+    missing = query(
+        db,
+        "SELECT COUNT(*) FROM job_postings WHERE id BETWEEN 100 AND 199 AND description != '' "
+        "AND (embedding IS NULL OR summary IS NULL)",
+    )[0][0]
+    assert missing == 0
+    untouched = query(db, "SELECT COUNT(*) FROM job_postings WHERE id < 100 AND embedding IS NULL")[0][0]
+    assert untouched > 0  # other partitions were not run
+
+    coverage = run([cli, "coverage", "--by-partition"], tmp_path, **env)
+    lines = [line for line in coverage.stdout.splitlines() if "0000000100-0000000199" in line]
+    assert len(lines) == 1 and "100.0%" in lines[0]
+
+    plan = run([cli, "plan"], tmp_path, **env)
+    assert "null_embedding" in plan.stdout and "dry run: no provider was called" in plan.stdout
+    assert query(db, "SELECT COUNT(*) FROM job_postings WHERE id < 100 AND embedding IS NULL")[0][0] == untouched
+    failures = run([cli, "failures"], tmp_path, **env)
+    assert "no failures recorded" in failures.stdout
+
+
+def test_definitions_validate(tmp_path: Path) -> None:
+    env = {"BACKFILL_CONFIG": str(write_config(tmp_path, demo_config_dict(tmp_path / "x.sqlite")))}
+    done = run(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "backfill_pipeline.definitions"], tmp_path, **env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "All code locations passed validation" in done.stderr + done.stdout
+
+
+def test_config_errors_reach_the_user(tmp_path: Path) -> None:
+    data = demo_config_dict(tmp_path / "x.sqlite")
+    data["datasets"]["jobs"]["embedding"]["dimensions"] = 768
+    env = {"BACKFILL_CONFIG": str(write_config(tmp_path, data))}
+    done = run([str(BIN / "backfill-pipeline"), "coverage"], tmp_path, **env)
+    assert done.returncode == 2
+    assert "dataset 'jobs', key 'embedding.dimensions': unknown key" in done.stderr
+    validate = run(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "backfill_pipeline.definitions"], tmp_path, **env
+    )
+    assert validate.returncode != 0 and "embedding.dimensions" in validate.stderr + validate.stdout

@@ -1,0 +1,82 @@
+"""The engine over a provider that fails for some rows: per-row failures, batch splitting, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from backfill_pipeline.engine import embed_texts, enrich_texts
+from backfill_pipeline.providers.base import EmbeddingProvider, EnrichmentProvider, ProviderError
+
+
+class PickyEmbedder(EmbeddingProvider):
+    """Rejects any batch holding a text with 'BAD' (as an API rejects a whole request)."""
+
+    name, model, dimension, max_batch_size = "picky", "picky-1", 4, 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.peak = 0
+        self.batch_sizes: list[int] = []
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.batch_sizes.append(len(texts))
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        if any("BAD" in t for t in texts):
+            raise ProviderError("input rejected: contains a forbidden token", "permanent")
+        return np.ones((len(texts), 4), dtype=np.float32) * np.arange(1, len(texts) + 1, dtype=np.float32)[:, None]
+
+
+def test_batch_rejected_as_a_whole_is_split_to_the_row_at_fault() -> None:
+    texts = [f"text {i}" for i in range(40)]
+    texts[13] = "BAD text"
+    provider = PickyEmbedder()
+    outcome = asyncio.run(embed_texts(provider, texts, batch_size=100, max_in_flight=3))
+    assert [f.index for f in outcome.failures] == [13]
+    assert outcome.failures[0].error_class == "permanent" and "forbidden" in outcome.failures[0].message
+    assert outcome.ok.sum() == 39 and not outcome.ok[13]
+    assert max(provider.batch_sizes) == 8  # the provider's own limit caps the configured batch size
+    assert provider.peak <= 3
+
+
+class SloppyEnricher(EnrichmentProvider):
+    name, model = "sloppy", "sloppy-1"
+
+    async def enrich(self, texts: list[str]) -> list[dict | Exception]:
+        out: list[dict | Exception] = []
+        for t in texts:
+            if "timeout" in t:
+                out.append(ProviderError("upstream timed out", "transient"))
+            elif "weird" in t:
+                out.append({"skills": ["Python"], "seniority": "wizard", "summary": "x"})
+            else:
+                out.append({"skills": ["Python", " Python "], "seniority": "Senior", "summary": "A role."})
+        return out
+
+
+def test_enrichment_failures_are_recorded_per_row() -> None:
+    texts = ["fine", "weird answer", "fine too", "timeout please"]
+    outcome = asyncio.run(enrich_texts(SloppyEnricher(), texts, batch_size=2, max_in_flight=2))
+    assert [(f.index, f.error_class) for f in outcome.failures] == [(1, "invalid_output"), (3, "transient")]
+    assert "seniority" in outcome.failures[0].message
+    assert outcome.results[0].skills == ["Python"] and outcome.results[0].seniority == "senior"
+    assert outcome.results[1] is None and outcome.results[2] is not None
+
+
+def test_progress_is_reported() -> None:
+    seen: list[tuple[int, int]] = []
+    asyncio.run(
+        embed_texts(
+            PickyEmbedder(),
+            ["a"] * 20,
+            batch_size=4,
+            max_in_flight=2,
+            progress=lambda d, t: seen.append((d, t)),
+            progress_every=8,
+        )
+    )
+    assert seen[-1] == (20, 20) and all(t == 20 for _, t in seen) and len(seen) >= 2

@@ -1,0 +1,148 @@
+"""The new-rows sensor and the refresh schedule, evaluated against a real instance and database."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+
+from backfill_pipeline.config import load_config, parse_config
+from backfill_pipeline.definitions import build_definitions
+from backfill_pipeline.stores import open_store
+
+from .conftest import demo_config_dict
+from .graph_helpers import register, run_partition
+
+
+def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    return sensor(context), context
+
+
+def _apply(result: dg.SensorResult, instance: dg.DagsterInstance) -> None:
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+
+
+def _add_rows(db: Path, ids: range) -> None:
+    conn = sqlite3.connect(db)
+    conn.executemany(
+        "INSERT INTO job_postings (id, title, company, description) VALUES (?, ?, ?, ?)",
+        [(i, "Data Engineer", "Acme", f"Build pipelines with Python and SQL, posting {i}.") for i in ids],
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_sensor_registers_partitions_and_requests_runs_once(demo_db: Path, demo_config_path: Path, instance) -> None:
+    config = load_config(demo_config_path)
+    sensor = build_definitions(config).resolve_sensor_def("jobs_new_rows_sensor")
+
+    first, _ = _tick(sensor, instance, None)
+    keys = ["0000000000-0000000099", "0000000100-0000000199", "0000000200-0000000299", "0000000300-0000000399"]
+    assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [keys]
+    assert [r.partition_key for r in first.run_requests] == keys  # unregistered partitions are news
+    assert first.cursor == "300"
+    _apply(first, instance)
+
+    same, _ = _tick(sensor, instance, first.cursor)
+    assert isinstance(same, dg.SkipReason)
+
+    _add_rows(demo_db, range(301, 306))  # into the last partition
+    _add_rows(demo_db, range(450, 452))  # a new partition
+    grown, _ = _tick(sensor, instance, first.cursor)
+    assert [list(r.partition_keys) for r in grown.dynamic_partitions_requests] == [["0000000400-0000000499"]]
+    assert [(r.partition_key, r.run_key) for r in grown.run_requests] == [
+        ("0000000300-0000000399", "jobs:0000000300-0000000399@305"),
+        ("0000000400-0000000499", "jobs:0000000400-0000000499@451"),
+    ]
+    assert grown.cursor == "451"
+    _apply(grown, instance)
+    assert instance.get_dynamic_partitions("jobs_partitions") == [*keys, "0000000400-0000000499"]
+
+    # the same state from an older cursor yields the same run keys: Dagster drops them as duplicates
+    again, _ = _tick(sensor, instance, first.cursor)
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in grown.run_requests]
+    assert not again.dynamic_partitions_requests
+
+
+def test_sensor_on_archive_partitions(tmp_path: Path, instance) -> None:
+    db = tmp_path / "docs.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE documents (id INTEGER PRIMARY KEY, archive TEXT, content TEXT, embedding TEXT, "
+        "content_hash TEXT, embedding_model TEXT, embedded_at TEXT)"
+    )
+    conn.executemany(
+        "INSERT INTO documents (id, archive, content) VALUES (?, ?, ?)",
+        [(i, "gjeldende-lover.tar.bz2" if i < 6 else "Forskrifter 2024.tar.bz2", f"Lov nr {i}") for i in range(1, 11)],
+    )
+    conn.commit()
+    conn.close()
+    config = parse_config(
+        {
+            "datasets": {
+                "docs": {
+                    "database_url": f"sqlite:///{db}",
+                    "table": "documents",
+                    "archive_column": "archive",
+                    "text": {"columns": ["content"]},
+                    "embedding": {"dimension": 64},
+                    "partitioning": {"kind": "archive"},
+                }
+            }
+        }
+    )
+    sensor = build_definitions(config).resolve_sensor_def("docs_new_rows_sensor")
+    first, _ = _tick(sensor, instance, None)
+    assert list(first.dynamic_partitions_requests[0].partition_keys) == [
+        "gjeldende-lover-tar-bz2",
+        "forskrifter-2024-tar-bz2",
+    ]
+    _apply(first, instance)
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO documents (id, archive, content) VALUES (11, 'nye-lover.tar.bz2', 'Ny lov')")
+    conn.commit()
+    conn.close()
+    grown, _ = _tick(sensor, instance, first.cursor)
+    assert [r.partition_key for r in grown.run_requests] == ["nye-lover-tar-bz2"]
+    _apply(grown, instance)
+    with __import__("backfill_pipeline.stores", fromlist=["open_store"]).open_store(
+        "docs", config.datasets["docs"]
+    ) as s:
+        s.migrate()
+    result = run_partition(config, "docs", "forskrifter-2024-tar-bz2", instance)
+    written = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key.path[-1] == "written_table"
+    ][0]
+    assert written.event_specific_data.materialization.metadata["rows_written"].value == 5
+
+
+def test_schedule_requests_partitions_needing_work_capped(demo_db: Path, tmp_path: Path, instance) -> None:
+    data = demo_config_dict(demo_db)
+    data["datasets"]["jobs"]["schedule"] = {"cron": "0 */6 * * *", "max_runs_per_tick": 2}
+    config = parse_config(data)
+    with open_store("jobs", config.datasets["jobs"]) as store:
+        store.migrate()
+    keys = register(config, "jobs", instance)
+    run_partition(config, "jobs", keys[3], instance)  # the newest partition is now up to date
+    defs = build_definitions(config)
+    schedule = defs.resolve_schedule_def("jobs_refresh_schedule")
+    assert schedule.cron_schedule == "0 */6 * * *"
+    context = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 1, 1, 6),
+        repository_def=defs.get_repository_def(),
+    )
+    requests = schedule.evaluate_tick(context).run_requests
+    assert [r.partition_key for r in requests] == [keys[2], keys[1]]  # newest first, capped at 2, skipping keys[3]
+    assert all(int(r.tags["rows_pending"]) > 0 for r in requests)
+
+    for key in keys[:3]:
+        run_partition(config, "jobs", key, instance)
+    idle = schedule.evaluate_tick(context)
+    assert not idle.run_requests and "up to date" in idle.skip_message
