@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import dagster as dg
 import pyarrow as pa
@@ -81,6 +82,25 @@ def _progress_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[
     return log
 
 
+LEASE_GRACE = timedelta(hours=1)
+
+
+def _run_alive(instance: dg.DagsterInstance) -> Callable[[str, datetime], bool]:
+    """Whether the run holding a partition's lease may still be working on it.
+
+    A run this instance knows is alive until it finishes; a run it does not know (another deployment)
+    is trusted for an hour after it took the lease.
+    """
+
+    def alive(run_id: str, since: datetime) -> bool:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            return utc_now() - since < LEASE_GRACE
+        return not run.is_finished
+
+    return alive
+
+
 def enrichment_schema(dataset: DatasetConfig) -> pa.Schema:
     fields = [pa.field("id", pa.int64())]
     fields += [pa.field(enrichment_col(f), pa.string()) for f in dataset.enrichment_columns]
@@ -137,6 +157,17 @@ def build_dataset_assets(
                 context.log.info(f"migration added: {', '.join(added) or 'nothing (schema up to date)'}")
             store.check_schema()
             part = partition_spec(context.partition_key, dataset, store)
+            holder = store.claim_partition(part.key, context.run_id, _run_alive(context.instance))
+            if holder is not None:
+                message = (
+                    f"partition {part.key} is being processed by run {holder}; this run skips it "
+                    "(nothing read, no provider called, nothing written)"
+                )
+                context.log.warning(message)
+                return dg.Output(
+                    store.raw_schema().empty_table(),
+                    metadata={"rows_in": 0, "skipped": message, "held_by_run": holder},
+                )
             table = store.read_partition(part)
         context.log.info(f"read {table.num_rows} rows of partition {part.key}")
         return dg.Output(
@@ -370,6 +401,7 @@ def build_dataset_assets(
             stats = store.write_results(results, dataset.write_batch_size)
             store.record_failures(failures)
             store.clear_failures(succeeded)
+            store.release_partition(context.partition_key, context.run_id)
         counts = reason_counts(detected_placeholders)
         enrich_failed = sum(1 for f in failures if f.stage == "enrichment")
         embed_failed = sum(1 for f in failures if f.stage == "embedding")

@@ -67,3 +67,63 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(extra)
     return env
+
+
+# -- Postgres ------------------------------------------------------------------------------------
+from .pg import OwnedCluster, create_database, drop_database, local_server_url, unavailable  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """A Postgres server: the one on 127.0.0.1:5432, else an owned pgserver cluster."""
+    url = local_server_url()
+    if url:
+        yield url
+        return
+    try:
+        cluster = OwnedCluster()
+    except Exception as exc:  # noqa: BLE001
+        unavailable(f"no Postgres on 127.0.0.1:5432 and none could be started: {exc}")
+    yield cluster.url()
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_session_db(pg_server_url: str):
+    """A fresh database for the test session, dropped after."""
+    url = create_database(pg_server_url)
+    yield url
+    drop_database(pg_server_url, url)
+
+
+@pytest.fixture(scope="session")
+def pgvector_cluster():
+    try:
+        cluster = OwnedCluster()
+    except pytest.skip.Exception:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        unavailable(f"could not start a pgvector Postgres from the pgserver wheel: {exc}")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pgvector_db(pgvector_cluster: OwnedCluster):
+    """A fresh pgvector-enabled database for one test."""
+    url = create_database(pgvector_cluster.url(), extensions=("vector",))
+    yield url
+    drop_database(pgvector_cluster.url(), url)
+
+
+@pytest.fixture
+def pg_db(pg_session_db: str):
+    """A fresh schema in the session database of the running Postgres (no pgvector there)."""
+    import psycopg
+
+    schema = f"t_{os.urandom(4).hex()}"
+    with psycopg.connect(pg_session_db, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield pg_session_db, schema
+    with psycopg.connect(pg_session_db, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

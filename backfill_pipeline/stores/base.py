@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -18,6 +18,7 @@ from ..config import DatasetConfig
 from ..rows import enrichment_col, raw_schema
 
 FAILURES_TABLE = "backfill_failures"
+LEASES_TABLE = "backfill_leases"
 
 
 class StoreError(RuntimeError):
@@ -147,6 +148,38 @@ class Store(ABC):
     @abstractmethod
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         """Make failed rows eligible at once (their cool-down ends now); return how many."""
+
+    # -- partition leases ------------------------------------------------------------------------
+    @abstractmethod
+    def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
+        """Atomically take the lease on ``key`` if free, already ours, or held by ``replace``."""
+
+    @abstractmethod
+    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+        """The run holding the lease on ``key`` and since when, if any."""
+
+    @abstractmethod
+    def release_partition(self, key: str, run_id: str) -> None: ...
+
+    def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, datetime], bool]) -> str | None:
+        """Claim the partition for ``run_id``; return ``None`` when claimed, else the live holder's run id.
+
+        Two runs of one partition (a UI backfill and the sensor, say) must not both pay for its rows.
+        A lease left by a run that is no longer alive (crashed, failed, finished) is taken over.
+        """
+        holder = "unknown"
+        for _ in range(3):  # the lease may change hands between our statements; look again
+            if self._try_lease(key, run_id, None):
+                return None
+            held = self.lease_holder(key)
+            if held is None:
+                continue
+            holder, since = held
+            if is_alive(holder, since):
+                return holder
+            if self._try_lease(key, run_id, holder):
+                return None
+        return holder
 
 
 def encode_skills(value: object) -> str | None:

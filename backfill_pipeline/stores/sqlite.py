@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +21,7 @@ from ..config import DatasetConfig
 from ..rows import vector_array
 from .base import (
     FAILURES_TABLE,
+    LEASES_TABLE,
     Failure,
     PartitionSpec,
     Store,
@@ -104,8 +105,7 @@ class SQLiteStore(Store):
             missing.append(f"{self.dst_table} (table)")
         else:
             missing += [f"{self.dst_table}.{c}" for c in d.result_columns if c not in target_cols]
-        if not self._columns(FAILURES_TABLE):
-            missing.append(f"{FAILURES_TABLE} (table)")
+        missing += [f"{t} (table)" for t in (FAILURES_TABLE, LEASES_TABLE) if not self._columns(t)]
         return missing
 
     def migrate(self) -> list[str]:
@@ -121,6 +121,10 @@ class SQLiteStore(Store):
             for column in d.result_columns:
                 if column not in existing:
                     self.conn.execute(f"ALTER TABLE {self.dst} ADD COLUMN {quote(column)} TEXT")
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {LEASES_TABLE} (dataset TEXT NOT NULL, partition_key TEXT NOT NULL, "
+                "run_id TEXT NOT NULL, acquired_at TEXT NOT NULL, PRIMARY KEY (dataset, partition_key))"
+            )
             self.conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {FAILURES_TABLE} (dataset TEXT NOT NULL, row_id TEXT NOT NULL, "
                 "stage TEXT NOT NULL, error_class TEXT NOT NULL, message TEXT NOT NULL, "
@@ -324,6 +328,30 @@ class SQLiteStore(Store):
             sql += f" AND row_id IN ({', '.join('?' * len(row_ids))})"
             params += [str(i) for i in row_ids]
         return self.conn.execute(sql, params).rowcount
+
+    # -- partition leases ------------------------------------------------------------------------
+    def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
+        row = self.conn.execute(
+            f"INSERT INTO {LEASES_TABLE} (dataset, partition_key, run_id, acquired_at) VALUES (?, ?, ?, ?) "
+            f"ON CONFLICT (dataset, partition_key) DO UPDATE SET run_id = excluded.run_id, "
+            f"acquired_at = excluded.acquired_at WHERE {LEASES_TABLE}.run_id IN (excluded.run_id, ?) "
+            "RETURNING run_id",
+            [self.name, key, run_id, utc_now().isoformat(), replace or run_id],
+        ).fetchone()
+        return row is not None
+
+    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+        row = self.conn.execute(
+            f"SELECT run_id, acquired_at FROM {LEASES_TABLE} WHERE dataset = ? AND partition_key = ?",
+            [self.name, key],
+        ).fetchone()
+        return None if row is None else (row[0], datetime.fromisoformat(row[1]))
+
+    def release_partition(self, key: str, run_id: str) -> None:
+        self.conn.execute(
+            f"DELETE FROM {LEASES_TABLE} WHERE dataset = ? AND partition_key = ? AND run_id = ?",
+            [self.name, key, run_id],
+        )
 
 
 def _encode_vectors(chunk: pa.Array | pa.ChunkedArray, as_blob: bool) -> list:
