@@ -9,7 +9,8 @@ IO manager, so a retried step reloads what upstream already computed and paid fo
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import dagster as dg
@@ -24,11 +25,10 @@ from .partitions import partition_spec
 from .providers.base import Usage
 from .resources import DatabaseResource, embedding_provider, enrichment_provider, resource_keys
 from .rows import enrichment_col, matrix_array
-from .stores import Failure
+from .stores import Failure, SchemaError
 from .stores.base import utc_now
 from .text import embedding_input
 
-RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 IO_MANAGER_KEY = "parquet_io_manager"
 ASSET_NAMES = ("raw_rows", "detected_placeholders", "llm_enrichment", "embeddings", "written_table")
 EMBEDDING_POOL = "embedding_api"
@@ -85,6 +85,15 @@ def _progress_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[
 LEASE_GRACE = timedelta(hours=1)
 
 
+@contextmanager
+def schema_errors_fail_without_retry() -> Iterator[None]:
+    """A table that does not fit the config will not fit it on retry either: fail at once, clearly."""
+    try:
+        yield
+    except SchemaError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
 def _run_alive(instance: dg.DagsterInstance) -> Callable[[str, datetime], bool]:
     """Whether the run holding a partition's lease may still be working on it.
 
@@ -130,7 +139,12 @@ def build_dataset_assets(
         "key_prefix": [name],
         "group_name": name,
         "partitions_def": partitions_def,
-        "retry_policy": RETRY_POLICY,
+        "retry_policy": dg.RetryPolicy(
+            max_retries=dataset.retry.max_retries,
+            delay=dataset.retry.delay_seconds,
+            backoff=dg.Backoff.EXPONENTIAL,
+            jitter=dg.Jitter.PLUS_MINUS,
+        ),
     }
     store_kind = "sqlite" if dataset.database_url_value().startswith("sqlite") else "postgres"
 
@@ -151,7 +165,7 @@ def build_dataset_assets(
     )
     def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[pa.Table]:
         started = time.monotonic()
-        with database(context).open(name, dataset) as store:
+        with schema_errors_fail_without_retry(), database(context).open(name, dataset) as store:
             if config.migrate:
                 added = store.migrate()
                 context.log.info(f"migration added: {', '.join(added) or 'nothing (schema up to date)'}")
@@ -192,7 +206,7 @@ def build_dataset_assets(
         cooling: set[object] = set()
         if not config.force:
             ids = raw_rows.column("id").to_pylist()
-            with database(context).open(name, dataset) as store:
+            with schema_errors_fail_without_retry(), database(context).open(name, dataset) as store:
                 if config.requeue_failed:
                     requeued = store.requeue_failures(ids)
                     context.log.info(f"re-queued {requeued} failed rows")
@@ -397,7 +411,7 @@ def build_dataset_assets(
         ]
         failed_ids = {f.row_id for f in failures}
         succeeded = [i for i in results.column("id").to_pylist() if i not in failed_ids]
-        with database(context).open(name, dataset) as store:
+        with schema_errors_fail_without_retry(), database(context).open(name, dataset) as store:
             stats = store.write_results(results, dataset.write_batch_size)
             store.record_failures(failures)
             store.clear_failures(succeeded)

@@ -268,6 +268,23 @@ def cmd_requeue(config: BackfillConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def set_pool_limits(instance, limits: dict[str, int]) -> None:
+    """Explicit limits for the provider-calling pools (never ``default_limit``: dagster-io/dagster#33552)."""
+    for pool, limit in limits.items():
+        instance.event_log_storage.set_concurrency_slots(pool, limit)
+
+
+def cmd_pools(config: BackfillConfig, args: argparse.Namespace) -> int:
+    from .assets import EMBEDDING_POOL, ENRICHMENT_POOL
+
+    instance = _instance()
+    set_pool_limits(instance, {EMBEDDING_POOL: args.embedding, ENRICHMENT_POOL: args.llm})
+    for pool in (EMBEDDING_POOL, ENRICHMENT_POOL):
+        info = instance.event_log_storage.get_concurrency_info(pool)
+        print(f"pool {pool}: limit {info.slot_count}")
+    return 0
+
+
 def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     from .demo_data import create_demo_database
 
@@ -337,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
     p.add_argument("--force", action="store_true", help="redo every row")
     p.add_argument("--limit", type=int, help="at most this many rows per partition")
+    p = add("pools", cmd_pools, "set the concurrency limits of the provider-calling pools", False)
+    p.add_argument("--embedding", type=int, default=4, help="embedding steps running at once (all runs)")
+    p.add_argument("--llm", type=int, default=4, help="enrichment steps running at once (all runs)")
     p = add("failures", cmd_failures, "list recorded failures with their error")
     p.add_argument("--limit", type=int, default=50)
     p = add("requeue", cmd_requeue, "make failed rows eligible for the next run at once")

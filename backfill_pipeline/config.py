@@ -204,6 +204,13 @@ class SensorSpec(_Model):
     interval_seconds: int = Field(default=60, ge=5)
 
 
+class RetrySpec(_Model):
+    """Dagster's step retries: exponential backoff with jitter, for transient failures."""
+
+    max_retries: int = Field(default=3, ge=0, le=20)
+    delay_seconds: float = Field(default=2.0, ge=0)
+
+
 class DatasetConfig(_Model):
     database_url: str | EnvRef
     table: Identifier
@@ -228,6 +235,7 @@ class DatasetConfig(_Model):
     read_batch_size: int = Field(default=2_000, gt=0)
     write_batch_size: int = Field(default=500, gt=0)
     failure_cooldown_hours: float = Field(default=24.0, ge=0)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     sensor: SensorSpec = Field(default_factory=SensorSpec)
 

@@ -11,7 +11,7 @@ import re
 import dagster as dg
 
 from .config import DatasetConfig
-from .stores import PartitionSpec, Store, StoreError
+from .stores import PartitionSpec, SchemaError, Store
 
 KEY_DIGITS = 10
 _RANGE_KEY = re.compile(r"^(\d+)-(\d+)$")
@@ -36,15 +36,15 @@ def partition_spec(key: str, dataset: DatasetConfig, store: Store | None = None)
     if dataset.partitioning.kind == "id_range":
         match = _RANGE_KEY.match(key)
         if not match:
-            raise StoreError(f"partition key {key!r} is not an id range like 0000010000-0000019999")
+            raise SchemaError(f"partition key {key!r} is not an id range like 0000010000-0000019999")
         return PartitionSpec(key=key, id_range=(int(match.group(1)), int(match.group(2))))
     if store is None:
-        raise StoreError("archive partitions need the store to resolve their archive value")
+        raise SchemaError("archive partitions need the store to resolve their archive value")
     values = [a for a, _ in store.archive_groups() if slugify(a) == key]
     if not values:
-        raise StoreError(f"no archive value of column {dataset.archive_column} has the slug {key!r}")
+        raise SchemaError(f"no archive value of column {dataset.archive_column} has the slug {key!r}")
     if len(values) > 1:
-        raise StoreError(f"archive values {values} share the partition key {key!r}; rename one of them")
+        raise SchemaError(f"archive values {values} share the partition key {key!r}; rename one of them")
     return PartitionSpec(key=key, archive=values[0])
 
 
@@ -57,7 +57,7 @@ def partition_activity(store: Store, dataset: DatasetConfig, after_id: int | Non
     for archive, max_id in store.archive_groups(after_id):
         key = slugify(archive)
         if key in groups and groups[key][0] != archive:
-            raise StoreError(f"archive values {groups[key][0]!r} and {archive!r} share the partition key {key!r}")
+            raise SchemaError(f"archive values {groups[key][0]!r} and {archive!r} share the partition key {key!r}")
         groups[key] = (archive, max_id)
     return [(k, m) for k, (_, m) in groups.items()]
 

@@ -7,6 +7,7 @@ runs as the ``pgserver`` system user, as pgserver itself does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -76,10 +77,8 @@ class OwnedCluster:
         self._pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.data, user=self.user, timeout=60)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already stopped
             self.stop("immediate")
-        except Exception:  # noqa: BLE001 - already stopped
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 

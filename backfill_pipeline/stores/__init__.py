@@ -5,7 +5,16 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ..config import DatasetConfig
-from .base import Failure, MissingColumnsError, PartitionSpec, Store, StoreError, WriteStats
+from .base import (
+    ConnectionLostError,
+    Failure,
+    MissingColumnsError,
+    PartitionSpec,
+    SchemaError,
+    Store,
+    StoreError,
+    WriteStats,
+)
 
 
 def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Store:
@@ -24,6 +33,8 @@ def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Sto
 
 
 __all__ = [
+    "ConnectionLostError",
+    "SchemaError",
     "Failure",
     "MissingColumnsError",
     "PartitionSpec",

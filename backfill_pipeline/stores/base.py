@@ -25,7 +25,15 @@ class StoreError(RuntimeError):
     """A database problem the user must fix (missing table or column, wrong type)."""
 
 
-class MissingColumnsError(StoreError):
+class SchemaError(StoreError):
+    """The table does not fit the config (missing column, wrong type or dimension): retrying cannot help."""
+
+
+class ConnectionLostError(StoreError):
+    """The database went away mid-operation; a retry after it is back completes the work."""
+
+
+class MissingColumnsError(SchemaError):
     def __init__(self, dataset: str, table: str, columns: Sequence[str]):
         self.columns = list(columns)
         super().__init__(

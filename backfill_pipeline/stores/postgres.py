@@ -29,8 +29,10 @@ from ..rows import vector_array
 from .base import (
     FAILURES_TABLE,
     LEASES_TABLE,
+    ConnectionLostError,
     Failure,
     PartitionSpec,
+    SchemaError,
     Store,
     StoreError,
     WriteStats,
@@ -86,7 +88,7 @@ class PostgresStore(Store):
         try:
             self.conn = psycopg.connect(url, autocommit=True, connect_timeout=15)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"dataset '{name}': cannot connect to the database: {_clean(exc)}") from None
+            raise ConnectionLostError(f"dataset '{name}': cannot connect to the database: {_clean(exc)}") from None
         self.has_pgvector = (
             self.conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is not None
         )
@@ -135,18 +137,18 @@ class PostgresStore(Store):
         column = self.dataset.embedding.column
         found = self._columns(self.dst_table, self.dst_schema).get(column)  # type: ignore[arg-type]
         if found is None:
-            raise StoreError(f"dataset '{self.name}': column {self.dst_table}.{column} does not exist")
+            raise SchemaError(f"dataset '{self.name}': column {self.dst_table}.{column} does not exist")
         return found
 
     def missing_columns(self) -> list[str]:
         d = self.dataset
         source = self._columns(d.table, d.schema_name, refresh=True)
         if not source:
-            raise StoreError(f"dataset '{self.name}': table {self.src.as_string(self.conn)} does not exist")
+            raise SchemaError(f"dataset '{self.name}': table {self.src.as_string(self.conn)} does not exist")
         needed = [d.id_column, *d.text.fields] + ([d.archive_column] if d.archive_column else [])
         absent = [c for c in needed if c not in source]
         if absent:
-            raise StoreError(f"dataset '{self.name}': table {d.table} has no column(s) {', '.join(absent)}")
+            raise SchemaError(f"dataset '{self.name}': table {d.table} has no column(s) {', '.join(absent)}")
         missing: list[str] = []
         target = self._columns(self.dst_table, self.dst_schema, refresh=True)  # type: ignore[arg-type]
         if not target:
@@ -163,20 +165,20 @@ class PostgresStore(Store):
         emb = self.embedding_type()
         column = f"{self.dst_table}.{self.dataset.embedding.column}"
         if emb.vector_kind is None:
-            raise StoreError(
+            raise SchemaError(
                 f"dataset '{self.name}': column {column} has type {emb.formatted}; supported are vector(n), "
                 "halfvec(n), real[], double precision[], jsonb, json and text"
             )
         configured = self.dataset.embedding.dimension
         if emb.dimension is not None and emb.dimension != configured:
-            raise StoreError(
+            raise SchemaError(
                 f"dataset '{self.name}': column {column} is {emb.formatted} but embedding.dimension is "
                 f"{configured}; set embedding.dimension to {emb.dimension} or change the column's type"
             )
         for field, col in self.dataset.enrichment_columns.items():
             kind = self._columns(self.dst_table, self.dst_schema)[col]  # type: ignore[arg-type]
             if field == "skills" and kind.typname not in ("jsonb", "json", "_text", "_varchar", "text", "varchar"):
-                raise StoreError(
+                raise SchemaError(
                     f"dataset '{self.name}': column {self.dst_table}.{col} has type {kind.formatted}; skills "
                     "need jsonb, json, text[] or text"
                 )
@@ -423,7 +425,7 @@ class PostgresStore(Store):
                     cursor.execute(apply)
                     stats.rows_written += cursor.rowcount
             except psycopg.OperationalError as exc:
-                raise StoreError(
+                raise ConnectionLostError(
                     f"dataset '{self.name}': lost the database connection while writing batch {number} of "
                     f"{total_batches} (row ids {ids[start]}..{ids[stop - 1]}): {_clean(exc)}. That batch was "
                     f"rolled back; {stats.rows_written} rows of earlier batches are committed. Re-run the "

@@ -24,6 +24,7 @@ from .base import (
     LEASES_TABLE,
     Failure,
     PartitionSpec,
+    SchemaError,
     Store,
     StoreError,
     WriteStats,
@@ -94,11 +95,11 @@ class SQLiteStore(Store):
         d = self.dataset
         source_cols = self._columns(d.table)
         if not source_cols:
-            raise StoreError(f"dataset '{self.name}': table {d.table} does not exist in {self.path}")
+            raise SchemaError(f"dataset '{self.name}': table {d.table} does not exist in {self.path}")
         needed = [d.id_column, *d.text.fields] + ([d.archive_column] if d.archive_column else [])
         absent = [c for c in needed if c not in source_cols]
         if absent:
-            raise StoreError(f"dataset '{self.name}': table {d.table} has no column(s) {', '.join(absent)}")
+            raise SchemaError(f"dataset '{self.name}': table {d.table} has no column(s) {', '.join(absent)}")
         missing: list[str] = []
         target_cols = self._columns(self.dst_table)
         if not target_cols:
