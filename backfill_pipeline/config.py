@@ -233,7 +233,10 @@ class DatasetConfig(_Model):
         "'trust' keeps them, 'redo' re-embeds them.",
     )
     read_batch_size: int = Field(default=2_000, gt=0)
-    write_batch_size: int = Field(default=500, gt=0)
+    write_batch_size: int = Field(default=1_000, gt=0)
+    write_concurrency: int = Field(
+        default=3, ge=1, le=16, description="Batches written at once, each on its own connection (Postgres)."
+    )
     failure_cooldown_hours: float = Field(default=24.0, ge=0)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)

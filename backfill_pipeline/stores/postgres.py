@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -85,6 +87,7 @@ class PostgresStore(Store):
     def __init__(self, name: str, dataset: DatasetConfig, url: str):
         super().__init__(name, dataset)
         url = url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self.url = url
         try:
             self.conn = psycopg.connect(url, autocommit=True, connect_timeout=15)
         except psycopg.OperationalError as exc:
@@ -367,72 +370,111 @@ class PostgresStore(Store):
         return "text", str
 
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
+        """Write in batches of ``batch_size`` rows, each one transaction: staged by COPY BINARY into a
+        temporary table, applied by one UPDATE ... FROM (or INSERT ... ON CONFLICT). Batches hold disjoint
+        ids, so ``write_concurrency`` of them run at once on their own connections: the client encodes one
+        batch while the server applies another."""
         mapping = result_column_mapping(self.dataset, results)
         stats = WriteStats()
         if not mapping or results.num_rows == 0:
             return stats
         names = list(mapping)
         adapters = [self._adapter(name, mapping[name]) for name in names]
-        id_type = self._columns(self.dst_table, self.dst_schema)[  # type: ignore[arg-type]
-            self.dataset.target.id_column if self.separate else self.dataset.id_column
-        ].typname
+        id_column = self.dataset.target.id_column if self.separate else self.dataset.id_column
+        id_type = self._columns(self.dst_table, self.dst_schema)[id_column].typname  # type: ignore[arg-type]
         stage = sql.Identifier(f"backfill_stage_{self.name}")
         cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
-        self.conn.execute(
-            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {}, {} FROM {} LIMIT 0").format(
-                stage, self.dst_id, cols, self.dst
-            )
-        )
+        create_stage = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {}, {} FROM {} LIMIT 0"
+        ).format(stage, self.dst_id, cols, self.dst)
         if self.separate:
+            sets = sql.SQL(", ").join(
+                sql.SQL("{c} = COALESCE(EXCLUDED.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names
+            )
             apply = sql.SQL(
                 "INSERT INTO {dst} AS t ({id}, {cols}) SELECT {id}, {cols} FROM {stage} "
                 "ON CONFLICT ({id}) DO UPDATE SET {sets}"
-            ).format(
-                dst=self.dst,
-                id=self.dst_id,
-                cols=cols,
-                stage=stage,
-                sets=sql.SQL(", ").join(
-                    sql.SQL("{c} = COALESCE(EXCLUDED.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names
-                ),
-            )
+            ).format(dst=self.dst, id=self.dst_id, cols=cols, stage=stage, sets=sets)
         else:
+            sets = sql.SQL(", ").join(
+                sql.SQL("{c} = COALESCE(s.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names
+            )
             apply = sql.SQL("UPDATE {dst} AS t SET {sets} FROM {stage} AS s WHERE t.{id} = s.{id}").format(
-                dst=self.dst,
-                stage=stage,
-                id=self.dst_id,
-                sets=sql.SQL(", ").join(
-                    sql.SQL("{c} = COALESCE(s.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names
-                ),
+                dst=self.dst, stage=stage, id=self.dst_id, sets=sets
             )
         copy_sql = sql.SQL("COPY {} ({}, {}) FROM STDIN (FORMAT BINARY)").format(stage, self.dst_id, cols)
         types = [id_type] + [t for t, _ in adapters]
         ids = results.column("id").to_pylist()
         columns = [_column_values(results.column(mapping[n])) for n in names]
-        total_batches = (len(ids) + batch_size - 1) // batch_size
-        for number, start in enumerate(range(0, len(ids), batch_size), 1):
-            stop = min(start + batch_size, len(ids))
-            try:
-                with self.conn.transaction(), self.conn.cursor() as cursor:
-                    with cursor.copy(copy_sql) as copy:
-                        copy.set_types(types)
-                        for i in range(start, stop):
-                            row = [ids[i]]
-                            for (_, convert), values in zip(adapters, columns, strict=True):
-                                value = values[i]
-                                row.append(None if value is None else convert(value))
-                            copy.write_row(row)
-                    cursor.execute(apply)
-                    stats.rows_written += cursor.rowcount
-            except psycopg.OperationalError as exc:
+        batches = [(n, s, min(s + batch_size, len(ids))) for n, s in enumerate(range(0, len(ids), batch_size), 1)]
+
+        def write_batch(conn: psycopg.Connection, start: int, stop: int) -> int:
+            with conn.transaction(), conn.cursor() as cursor:
+                with cursor.copy(copy_sql) as copy:
+                    copy.set_types(types)
+                    for i in range(start, stop):
+                        row = [ids[i]]
+                        for (_, convert), values in zip(adapters, columns, strict=True):
+                            value = values[i]
+                            row.append(None if value is None else convert(value))
+                        copy.write_row(row)
+                cursor.execute(apply)
+                return cursor.rowcount
+
+        workers = min(self.dataset.write_concurrency, len(batches))
+        connections = [self.conn] + [self._connect_like_main() for _ in range(workers - 1)]
+        lock = threading.Lock()
+        pending = iter(batches)
+        failure: list[tuple[int, int, int, Exception]] = []
+
+        def worker(conn: psycopg.Connection) -> None:
+            conn.execute(create_stage)
+            while not failure:
+                with lock:
+                    batch = next(pending, None)
+                if batch is None:
+                    return
+                number, start, stop = batch
+                try:
+                    written = write_batch(conn, start, stop)
+                except psycopg.Error as exc:
+                    failure.append((number, start, stop, exc))
+                    return
+                with lock:
+                    stats.rows_written += written
+                    stats.batches += 1
+
+        try:
+            if workers == 1:
+                worker(self.conn)
+            else:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    list(pool.map(worker, connections))
+        finally:
+            for conn in connections[1:]:
+                conn.close()
+        if failure:
+            number, start, stop, exc = failure[0]
+            where = f"batch {number} of {len(batches)} (row ids {ids[start]}..{ids[stop - 1]})"
+            if isinstance(exc, psycopg.OperationalError):
                 raise ConnectionLostError(
-                    f"dataset '{self.name}': lost the database connection while writing batch {number} of "
-                    f"{total_batches} (row ids {ids[start]}..{ids[stop - 1]}): {_clean(exc)}. That batch was "
-                    f"rolled back; {stats.rows_written} rows of earlier batches are committed. Re-run the "
-                    "partition: it picks up the rows still needing work."
+                    f"dataset '{self.name}': lost the database connection while writing {where}: {_clean(exc)}. "
+                    f"That batch was rolled back; {stats.rows_written} rows of other batches are committed. "
+                    "Re-run the partition: it picks up the rows still needing work."
                 ) from None
-            stats.batches += 1
+            raise StoreError(
+                f"dataset '{self.name}': the database rejected {where}: {_clean(exc)}. That batch was rolled "
+                f"back; {stats.rows_written} rows of other batches are committed."
+            ) from None
         return stats
+
+    def _connect_like_main(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=15)
+        if self.has_pgvector:
+            from pgvector.psycopg import register_vector
+
+            register_vector(conn)
+        return conn
 
     # -- failures --------------------------------------------------------------------------------
     def record_failures(self, failures: Sequence[Failure]) -> None:
