@@ -9,20 +9,22 @@ IO manager, so a retried step reloads what upstream already computed and paid fo
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from .config import DatasetConfig
+from .config import ConfigError, DatasetConfig, _ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
-from .engine import embed_texts, enrich_texts
+from .engine import CallPolicy, FatalProviderError, embed_texts, enrich_texts
 from .partitions import partition_spec
-from .providers.base import Usage
+from .policy import build_policy
+from .providers.base import EmbeddingProvider, EnrichmentProvider, Usage
 from .resources import DatabaseResource, embedding_provider, enrichment_provider, resource_keys
 from .rows import enrichment_col, matrix_array
 from .stores import Failure, SchemaError
@@ -55,8 +57,11 @@ def _timing(started: float, rows: int) -> dict[str, dg.MetadataValue]:
     }
 
 
-def _usage_metadata(usage: Usage, prefix: str) -> dict[str, dg.MetadataValue]:
+def _usage_metadata(usage: Usage, prefix: str, spec: _ProviderSpec | None = None) -> dict[str, dg.MetadataValue]:
+    cost = usage.cost(spec.price_per_million_input_tokens, spec.price_per_million_output_tokens) if spec else 0.0
     return {
+        f"{prefix}_cache_hits": dg.MetadataValue.int(usage.cache_hits),
+        f"{prefix}_cost_usd": dg.MetadataValue.float(round(cost, 6)),
         f"{prefix}_requests": dg.MetadataValue.int(usage.requests),
         f"{prefix}_inputs": dg.MetadataValue.int(usage.inputs),
         f"{prefix}_input_tokens": dg.MetadataValue.int(usage.input_tokens),
@@ -83,6 +88,7 @@ def _progress_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[
 
 
 LEASE_GRACE = timedelta(hours=1)
+T = TypeVar("T")
 
 
 @contextmanager
@@ -108,6 +114,50 @@ def _run_alive(instance: dg.DagsterInstance) -> Callable[[str, datetime], bool]:
         return not run.is_finished
 
     return alive
+
+
+def run_stage(
+    context: dg.AssetExecutionContext,
+    stage: str,
+    database: DatabaseResource,
+    name: str,
+    dataset: DatasetConfig,
+    spec: _ProviderSpec,
+    make_provider: Callable[[], EmbeddingProvider | EnrichmentProvider],
+    work: Callable[[EmbeddingProvider | EnrichmentProvider, CallPolicy], Awaitable[T]],
+) -> tuple[T, Usage]:
+    """Build the provider, check it with a free call, run the engine; errors that retrying cannot fix
+    (missing key, unknown model, refused key) fail the step at once with their message."""
+    expected = getattr(spec, "expected_output_tokens", 0)
+    with database.open(name, dataset) as store:
+        try:
+            provider = make_provider()
+        except ConfigError as exc:
+            raise dg.Failure(description=f"{stage}: {exc}", allow_retries=False) from None
+        policy = build_policy(dataset, spec, store, expected)
+
+        async def go() -> T:
+            try:
+                await provider.preflight()
+                return await work(provider, policy)
+            finally:
+                await provider.aclose()
+                close = getattr(policy.cache, "aclose", None)
+                if close is not None:
+                    await close()
+
+        try:
+            outcome = asyncio.run(go())
+        except (ConfigError, FatalProviderError) as exc:
+            raise dg.Failure(description=f"{stage}: {exc}", allow_retries=False) from None
+    usage = provider.usage
+    cost = usage.cost(spec.price_per_million_input_tokens, spec.price_per_million_output_tokens)
+    context.log.info(
+        f"{stage} accounting: {usage.requests} requests, {usage.input_tokens} tokens in, {usage.output_tokens} out, "
+        f"{usage.rate_limited} rate-limited (429), {usage.retries} retries, {usage.cache_hits} cache hits, "
+        f"{usage.truncated_inputs} inputs truncated, cost ${cost:.4f}"
+    )
+    return outcome, usage
 
 
 def enrichment_schema(dataset: DatasetConfig) -> pa.Schema:
@@ -234,7 +284,7 @@ def build_dataset_assets(
         name="llm_enrichment",
         io_manager_key=IO_MANAGER_KEY,
         ins={"detected_placeholders": dg.AssetIn(key=key("detected_placeholders"))},
-        required_resource_keys={keys["enrichment_key"]},
+        required_resource_keys={keys["enrichment_key"], keys["database"]},
         kinds={dataset.enrichment.provider, "parquet"},
         pool=ENRICHMENT_POOL,
         description="Skills, seniority and a summary for each row that needs them, validated against the "
@@ -252,23 +302,24 @@ def build_dataset_assets(
                 schema.empty_table(),
                 metadata={"rows_in": 0, "skipped": why, **_usage_metadata(Usage(), "provider")},
             )
-        provider = enrichment_provider(dataset, getattr(context.resources, keys["enrichment_key"]))
         texts = todo.column("text").to_pylist()
         spec = dataset.enrichment
-
-        async def run():  # noqa: ANN202
-            try:
-                return await enrich_texts(
-                    provider,
-                    texts,
-                    batch_size=spec.batch_size,
-                    max_in_flight=spec.max_in_flight,
-                    progress=_progress_logger(context, "enrichment"),
-                )
-            finally:
-                await provider.aclose()
-
-        outcome = asyncio.run(run())
+        outcome, usage = run_stage(
+            context,
+            "enrichment",
+            database(context),
+            name,
+            dataset,
+            spec,
+            lambda: enrichment_provider(dataset, getattr(context.resources, keys["enrichment_key"])),
+            lambda provider, policy: enrich_texts(
+                provider,
+                texts,
+                batch_size=spec.batch_size,
+                policy=policy,
+                progress=_progress_logger(context, "enrichment"),
+            ),
+        )
         errors: list[tuple[str | None, str | None]] = [(None, None)] * todo.num_rows
         for failure in outcome.failures:
             errors[failure.index] = (failure.error_class, failure.message)
@@ -297,7 +348,7 @@ def build_dataset_assets(
                 "rows_in": dg.MetadataValue.int(todo.num_rows),
                 "rows_enriched": dg.MetadataValue.int(todo.num_rows - failed),
                 "rows_failed": dg.MetadataValue.int(failed),
-                **_usage_metadata(provider.usage, "provider"),
+                **_usage_metadata(usage, "provider", spec),
                 **_timing(started, todo.num_rows),
             },
         )
@@ -309,7 +360,7 @@ def build_dataset_assets(
             "detected_placeholders": dg.AssetIn(key=key("detected_placeholders")),
             "llm_enrichment": dg.AssetIn(key=key("llm_enrichment")),
         },
-        required_resource_keys={keys["embedding_key"]},
+        required_resource_keys={keys["embedding_key"], keys["database"]},
         kinds={dataset.embedding.provider, "parquet"},
         pool=EMBEDDING_POOL,
         description=f"{dataset.embedding.dimension}-dim vectors from {dataset.embedding.provider} "
@@ -335,22 +386,23 @@ def build_dataset_assets(
                 metadata={"rows_in": 0, "rows_held_back": held_back, **_usage_metadata(Usage(), "provider")},
             )
         texts = _embedding_texts(dataset, todo, llm_enrichment)
-        provider = embedding_provider(dataset, getattr(context.resources, keys["embedding_key"]))
         spec = dataset.embedding
-
-        async def run():  # noqa: ANN202
-            try:
-                return await embed_texts(
-                    provider,
-                    texts,
-                    batch_size=spec.batch_size,
-                    max_in_flight=spec.max_in_flight,
-                    progress=_progress_logger(context, "embeddings"),
-                )
-            finally:
-                await provider.aclose()
-
-        outcome = asyncio.run(run())
+        outcome, usage = run_stage(
+            context,
+            "embeddings",
+            database(context),
+            name,
+            dataset,
+            spec,
+            lambda: embedding_provider(dataset, getattr(context.resources, keys["embedding_key"])),
+            lambda provider, policy: embed_texts(
+                provider,
+                texts,
+                batch_size=spec.batch_size,
+                policy=policy,
+                progress=_progress_logger(context, "embeddings"),
+            ),
+        )
         error_class: list[str | None] = [None] * todo.num_rows
         error: list[str | None] = [None] * todo.num_rows
         for failure in outcome.failures:
@@ -378,7 +430,7 @@ def build_dataset_assets(
                 "rows_embedded": dg.MetadataValue.int(int(ok.sum())),
                 "rows_failed": dg.MetadataValue.int(len(outcome.failures)),
                 "rows_held_back": dg.MetadataValue.int(held_back),
-                **_usage_metadata(provider.usage, "provider"),
+                **_usage_metadata(usage, "provider", spec),
                 **_timing(started, todo.num_rows),
             },
         )

@@ -120,6 +120,14 @@ class RateLimitSpec(_Model):
     tokens_per_minute: int | None = Field(default=None, gt=0)
 
 
+class ProviderRetrySpec(_Model):
+    """Retries of provider calls by class; the SDKs' own retries are off so every attempt is counted."""
+
+    rate_limit_base_seconds: float = Field(default=5.0, ge=0, description="429: 5s, 10s, 20s... or Retry-After")
+    transient_base_seconds: float = Field(default=3.0, ge=0, description="5xx, timeouts: 3s, 6s, 12s...")
+    max_attempts: int = Field(default=5, ge=1, le=20)
+
+
 class _ProviderSpec(_Model):
     provider: Literal["offline", "openai", "gemini"] = "offline"
     model: str = Field(min_length=1)
@@ -131,6 +139,8 @@ class _ProviderSpec(_Model):
     base_url: str | None = None
     max_in_flight: int = Field(default=8, gt=0, le=512)
     rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec)
+    retry: ProviderRetrySpec = Field(default_factory=ProviderRetrySpec)
+    timeout_seconds: float = Field(default=60.0, gt=0)
     price_per_million_input_tokens: float = Field(default=0.0, ge=0)
     price_per_million_output_tokens: float = Field(default=0.0, ge=0)
 
@@ -161,6 +171,7 @@ class EmbeddingSpec(_ProviderSpec):
 
 class EnrichmentSpec(_ProviderSpec):
     enabled: bool = False
+    expected_output_tokens: int = Field(default=200, gt=0, description="Reserved per request in the budget.")
     model: str = "offline-rules-v1"
     fields: list[EnrichmentField] = Field(default_factory=lambda: list(ENRICHMENT_FIELDS))
     columns: dict[EnrichmentField, Identifier] = Field(default_factory=dict)
@@ -204,6 +215,34 @@ class SensorSpec(_Model):
     interval_seconds: int = Field(default=60, ge=5)
 
 
+class CacheSpec(_Model):
+    """Where paid results are kept, keyed by (provider, model, dimension, content hash)."""
+
+    backend: Literal["database", "redis", "none"] = "database"
+    redis_url: str | EnvRef | None = None
+    ttl_days: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> CacheSpec:
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("backend 'redis' needs redis_url (e.g. {env: REDIS_URL})")
+        return self
+
+
+class RateLimiterSpec(_Model):
+    """Where the requests/tokens-per-minute budget is shared between processes."""
+
+    backend: Literal["database", "redis", "local"] = "database"
+    redis_url: str | EnvRef | None = None
+    burst_seconds: float = Field(default=1.0, gt=0, description="How much budget may be spent at once.")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> RateLimiterSpec:
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("backend 'redis' needs redis_url (e.g. {env: REDIS_URL})")
+        return self
+
+
 class RetrySpec(_Model):
     """Dagster's step retries: exponential backoff with jitter, for transient failures."""
 
@@ -239,6 +278,8 @@ class DatasetConfig(_Model):
     )
     failure_cooldown_hours: float = Field(default=24.0, ge=0)
     retry: RetrySpec = Field(default_factory=RetrySpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    rate_limiter: RateLimiterSpec = Field(default_factory=RateLimiterSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     sensor: SensorSpec = Field(default_factory=SensorSpec)
 

@@ -72,7 +72,7 @@ def test_progress_is_reported() -> None:
     asyncio.run(
         embed_texts(
             PickyEmbedder(),
-            ["a"] * 20,
+            [f"text {i}" for i in range(20)],
             batch_size=4,
             max_in_flight=2,
             progress=lambda d, t: seen.append((d, t)),

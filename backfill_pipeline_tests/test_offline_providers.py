@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from backfill_pipeline.engine import embed_texts
 from backfill_pipeline.providers.base import Enrichment
 from backfill_pipeline.providers.offline_embedding import OfflineEmbeddingProvider, hashed_ngram_vectors
 from backfill_pipeline.providers.offline_enrichment import (
@@ -46,8 +47,9 @@ def test_embeddings_capture_lexical_similarity() -> None:
 
 def test_provider_counts_requests() -> None:
     provider = OfflineEmbeddingProvider(dimension=16)
-    asyncio.run(provider.embed(["a", "b"]))
-    assert (provider.usage.requests, provider.usage.inputs) == (1, 2)
+    outcome = asyncio.run(embed_texts(provider, ["a", "b", "a"], batch_size=10))
+    assert outcome.ok.all() and (outcome.vectors[0] == outcome.vectors[2]).all()
+    assert (provider.usage.requests, provider.usage.inputs) == (1, 2)  # the repeated text is sent once
 
 
 def test_enrichment_rules() -> None:

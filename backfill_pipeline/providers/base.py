@@ -7,7 +7,7 @@ remote API; offline providers simply compute in place.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -65,35 +65,52 @@ class Usage:
     rate_limited: int = 0
     retries: int = 0
     truncated_inputs: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
 
-    def add(self, other: Usage) -> None:
-        for name in ("requests", "inputs", "input_tokens", "output_tokens", "rate_limited", "retries"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.truncated_inputs += other.truncated_inputs
+    def cost(self, price_in_per_million: float, price_out_per_million: float) -> float:
+        return self.input_tokens / 1e6 * price_in_per_million + self.output_tokens / 1e6 * price_out_per_million
 
 
 class ProviderError(Exception):
-    """A failure a provider reports for a batch or a row; ``kind`` says how the engine treats it."""
+    """A failure a provider reports for a batch or a row; ``kind`` says how the engine treats it:
+
+    ``rate_limit`` (429: back off, honour ``retry_after``), ``transient`` (5xx, timeouts, broken bodies:
+    back off and retry), ``permanent`` (400s: record the row, split a batch to find it), ``invalid_output``
+    (unparseable or schema-violating answer: record, retry on a later run), ``fatal`` (bad key, unknown
+    model: stop the step, retrying cannot help).
+    """
 
     kind: str = "permanent"
 
-    def __init__(self, message: str, kind: str | None = None):
+    def __init__(self, message: str, kind: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         if kind:
             self.kind = kind
+        self.retry_after = retry_after
 
 
-class EmbeddingProvider(ABC):
-    """Turns batches of texts into float32 vectors of ``dimension`` values."""
-
+class _Provider:
     name: str
     model: str
-    dimension: int
     max_batch_size: int = 2048
+    max_batch_tokens: int | None = None
+    last_signals = None  # what the last response said about the rate budget (RateSignals)
 
     def __init__(self) -> None:
         self.usage = Usage()
+
+    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+        """Texts as they will be sent (cut to the model's limit), their token counts, how many were cut."""
+        return list(texts), [max(1, len(t) // 4) for t in texts], 0
+
+    async def preflight(self) -> None:  # noqa: B027 - optional hook
+        """Check key, model and dimension with a free call, before the first paid one."""
+
+
+class EmbeddingProvider(_Provider, ABC):
+    """Turns batches of texts into float32 vectors of ``dimension`` values."""
+
+    dimension: int
 
     @abstractmethod
     async def embed(self, texts: list[str]) -> np.ndarray:
@@ -103,18 +120,12 @@ class EmbeddingProvider(ABC):
         """Release network clients."""
 
 
-class EnrichmentProvider(ABC):
+class EnrichmentProvider(_Provider, ABC):
     """Extracts skills, seniority and a summary from a batch of texts.
 
     Returns one item per text: the raw answer (a dict, validated by the engine against
     :class:`Enrichment`) or an exception for that row.
     """
-
-    name: str
-    model: str
-
-    def __init__(self) -> None:
-        self.usage = Usage()
 
     @abstractmethod
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:

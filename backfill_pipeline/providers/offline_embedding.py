@@ -120,6 +120,4 @@ class OfflineEmbeddingProvider(EmbeddingProvider):
         self.dimension = dimension
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        self.usage.requests += 1
-        self.usage.inputs += len(texts)
         return hashed_ngram_vectors(texts, self.dimension)

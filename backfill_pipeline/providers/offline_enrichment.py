@@ -190,14 +190,13 @@ class OfflineEnrichmentProvider(EnrichmentProvider):
     """For demos and tests: rules, no network."""
 
     name = "offline"
+    max_batch_size = 10_000
 
     def __init__(self, model: str = "offline-rules-v1"):
         super().__init__()
         self.model = model
 
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:
-        self.usage.requests += 1
-        self.usage.inputs += len(texts)
         out: list[dict | Exception] = []
         for text in texts:
             title = text.split("\n", 1)[0]

@@ -19,6 +19,9 @@ from ..rows import enrichment_col, raw_schema
 
 FAILURES_TABLE = "backfill_failures"
 LEASES_TABLE = "backfill_leases"
+CACHE_TABLE = "backfill_cache"
+BUDGET_TABLE = "backfill_rate_limits"
+OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE)
 
 
 class StoreError(RuntimeError):
@@ -168,6 +171,22 @@ class Store(ABC):
 
     @abstractmethod
     def release_partition(self, key: str, run_id: str) -> None: ...
+
+    # -- paid-results cache and shared rate budgets (called from the engine's worker threads) -------
+    @abstractmethod
+    def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]: ...
+
+    @abstractmethod
+    def cache_put(self, items: dict[str, bytes]) -> None: ...
+
+    @abstractmethod
+    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+        """Reserve one request's share of a per-minute budget shared by every process; return the wait.
+
+        Generic cell rate algorithm: each budget keeps a theoretical arrival time per dimension
+        (requests, tokens); a reservation moves it forward by the request's cost in seconds of budget,
+        and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now.
+        """
 
     def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, datetime], bool]) -> str | None:
         """Claim the partition for ``run_id``; return ``None`` when claimed, else the live holder's run id.

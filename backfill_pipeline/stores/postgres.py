@@ -29,8 +29,11 @@ from psycopg.types.json import Jsonb
 from ..config import DatasetConfig
 from ..rows import vector_array
 from .base import (
+    BUDGET_TABLE,
+    CACHE_TABLE,
     FAILURES_TABLE,
     LEASES_TABLE,
+    OWN_TABLES,
     ConnectionLostError,
     Failure,
     PartitionSpec,
@@ -110,6 +113,10 @@ class PostgresStore(Store):
         self.dst_id = sql.Identifier(d.target.id_column if self.separate else d.id_column)
         self.failures_table = self._ident(FAILURES_TABLE, self.dst_schema)
         self.leases_table = self._ident(LEASES_TABLE, self.dst_schema)
+        self.cache_table = self._ident(CACHE_TABLE, self.dst_schema)
+        self.budget_table = self._ident(BUDGET_TABLE, self.dst_schema)
+        self._side_conn: psycopg.Connection | None = None  # for the engine's worker threads
+        self._side_lock = threading.Lock()
         self._types: dict[str, dict[str, ColumnType]] = {}
 
     @staticmethod
@@ -117,7 +124,14 @@ class PostgresStore(Store):
         return sql.Identifier(schema, table) if schema else sql.Identifier(table)
 
     def close(self) -> None:
+        if self._side_conn is not None:
+            self._side_conn.close()
         self.conn.close()
+
+    def _side(self) -> psycopg.Connection:
+        if self._side_conn is None or self._side_conn.closed:
+            self._side_conn = psycopg.connect(self.url, autocommit=True, connect_timeout=15)
+        return self._side_conn
 
     # -- catalog ---------------------------------------------------------------------------------
     def _columns(self, table: str, schema: str | None, refresh: bool = False) -> dict[str, ColumnType]:
@@ -158,7 +172,7 @@ class PostgresStore(Store):
             missing.append(f"{self.dst_table} (table)")
         else:
             missing += [f"{self.dst_table}.{c}" for c in d.result_columns if c not in target]
-        for table in (FAILURES_TABLE, LEASES_TABLE):
+        for table in OWN_TABLES:
             if not self._table_exists(table, self.dst_schema):
                 missing.append(f"{table} (table)")
         return missing
@@ -228,6 +242,18 @@ class PostgresStore(Store):
                     "first_failed_at timestamptz NOT NULL, last_failed_at timestamptz NOT NULL, "
                     "requeued boolean NOT NULL DEFAULT false, PRIMARY KEY (dataset, row_id, stage))"
                 ).format(self.failures_table)
+            )
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, value bytea NOT NULL, "
+                    "created_at timestamptz NOT NULL DEFAULT now())"
+                ).format(self.cache_table)
+            )
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, request_tat double precision NOT NULL, "
+                    "token_tat double precision NOT NULL)"
+                ).format(self.budget_table)
             )
             self.conn.execute(
                 sql.SQL(
@@ -536,6 +562,52 @@ class PostgresStore(Store):
             query += sql.SQL(" AND row_id = ANY(%s)")
             params.append([str(i) for i in row_ids])
         return self.conn.execute(query, params).rowcount
+
+    # -- cache and budgets -----------------------------------------------------------------------
+    def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        with self._side_lock:
+            rows = self._side().execute(
+                sql.SQL(
+                    "SELECT key, value FROM {} WHERE key = ANY(%s) AND created_at > now() - make_interval(secs => %s)"
+                ).format(self.cache_table),
+                [list(keys), max_age_days * 86400],
+            )
+            return {k: bytes(v) for k, v in rows}
+
+    def cache_put(self, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+        with self._side_lock, self._side().cursor() as cursor:
+            cursor.executemany(
+                sql.SQL(
+                    "INSERT INTO {} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+                    "SET value = EXCLUDED.value, created_at = now()"
+                ).format(self.cache_table),
+                list(items.items()),
+            )
+
+    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+        with self._side_lock:
+            conn = self._side()
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (key, request_tat, token_tat) VALUES (%s, 0, 0) ON CONFLICT (key) DO NOTHING"
+                ).format(self.budget_table),
+                [key],
+            )
+            # one statement: the row lock serialises every process; the database clock is the only clock
+            row = conn.execute(
+                sql.SQL(
+                    "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS now) "
+                    "UPDATE {} AS b SET request_tat = greatest(b.request_tat, c.now) + %(req)s, "
+                    "token_tat = greatest(b.token_tat, c.now) + %(tok)s FROM c WHERE b.key = %(key)s "
+                    "RETURNING greatest(0, b.request_tat - c.now - %(burst)s, b.token_tat - c.now - %(burst)s)"
+                ).format(self.budget_table),
+                {"req": request_seconds, "tok": token_seconds, "key": key, "burst": burst_seconds},
+            ).fetchone()
+        return float(row[0])
 
     # -- partition leases ------------------------------------------------------------------------
     def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:

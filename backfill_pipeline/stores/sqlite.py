@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,8 +22,11 @@ import pyarrow as pa
 from ..config import DatasetConfig
 from ..rows import vector_array
 from .base import (
+    BUDGET_TABLE,
+    CACHE_TABLE,
     FAILURES_TABLE,
     LEASES_TABLE,
+    OWN_TABLES,
     Failure,
     PartitionSpec,
     SchemaError,
@@ -71,6 +76,7 @@ class SQLiteStore(Store):
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA busy_timeout=60000")
+        self._lock = threading.Lock()  # the engine calls cache and budget methods from worker threads
         d = dataset
         self.src = quote(d.table)
         self.separate = d.target.mode == "table"
@@ -106,7 +112,7 @@ class SQLiteStore(Store):
             missing.append(f"{self.dst_table} (table)")
         else:
             missing += [f"{self.dst_table}.{c}" for c in d.result_columns if c not in target_cols]
-        missing += [f"{t} (table)" for t in (FAILURES_TABLE, LEASES_TABLE) if not self._columns(t)]
+        missing += [f"{t} (table)" for t in OWN_TABLES if not self._columns(t)]
         return missing
 
     def migrate(self) -> list[str]:
@@ -122,6 +128,14 @@ class SQLiteStore(Store):
             for column in d.result_columns:
                 if column not in existing:
                     self.conn.execute(f"ALTER TABLE {self.dst} ADD COLUMN {quote(column)} TEXT")
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {CACHE_TABLE} (key TEXT PRIMARY KEY, value BLOB NOT NULL, "
+                "created_at REAL NOT NULL)"
+            )
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {BUDGET_TABLE} (key TEXT PRIMARY KEY, request_tat REAL NOT NULL, "
+                "token_tat REAL NOT NULL)"
+            )
             self.conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {LEASES_TABLE} (dataset TEXT NOT NULL, partition_key TEXT NOT NULL, "
                 "run_id TEXT NOT NULL, acquired_at TEXT NOT NULL, PRIMARY KEY (dataset, partition_key))"
@@ -329,6 +343,60 @@ class SQLiteStore(Store):
             sql += f" AND row_id IN ({', '.join('?' * len(row_ids))})"
             params += [str(i) for i in row_ids]
         return self.conn.execute(sql, params).rowcount
+
+    # -- cache and budgets -----------------------------------------------------------------------
+    def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]:
+        since = time.time() - max_age_days * 86400
+        found: dict[str, bytes] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                rows = self.conn.execute(
+                    f"SELECT key, value FROM {CACHE_TABLE} WHERE created_at > ? AND key IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    [since, *chunk],
+                )
+                found.update({k: bytes(v) for k, v in rows})
+        return found
+
+    def cache_put(self, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+        now = time.time()
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.executemany(
+                    f"INSERT INTO {CACHE_TABLE} (key, value, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, created_at = excluded.created_at",
+                    [(k, v, now) for k, v in items.items()],
+                )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")  # serialises every process sharing this file
+            try:
+                now = time.time()
+                row = self.conn.execute(
+                    f"SELECT request_tat, token_tat FROM {BUDGET_TABLE} WHERE key = ?", [key]
+                ).fetchone()
+                request_tat, token_tat = row if row else (now, now)
+                request_tat = max(request_tat, now) + request_seconds
+                token_tat = max(token_tat, now) + token_seconds
+                self.conn.execute(
+                    f"INSERT INTO {BUDGET_TABLE} (key, request_tat, token_tat) VALUES (?, ?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET request_tat = excluded.request_tat, token_tat = excluded.token_tat",
+                    [key, request_tat, token_tat],
+                )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return max(0.0, request_tat - now - burst_seconds, token_tat - now - burst_seconds)
 
     # -- partition leases ------------------------------------------------------------------------
     def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:

@@ -1,0 +1,98 @@
+"""Paid results kept by (provider, model, dimension, content hash), so nothing is paid for twice.
+
+The engine looks results up before calling a provider and stores each answer as soon as it arrives, so a
+partition retried after a crash pays again for at most the requests that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Protocol
+
+import numpy as np
+
+SCHEMA_VERSION = "v1"  # bump when the enrichment schema changes, so old answers are not reused
+
+
+class ResultCache(Protocol):
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+
+    async def put_many(self, items: dict[str, bytes]) -> None: ...
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def embedding_key(provider: str, model: str, dimension: int, text: str) -> str:
+    return "emb:" + _digest(provider, model, dimension, hashlib.sha256(text.encode()).hexdigest())
+
+
+def enrichment_key(provider: str, model: str, text: str) -> str:
+    return f"enr:{SCHEMA_VERSION}:" + _digest(provider, model, hashlib.sha256(text.encode()).hexdigest())
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def decode_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4")
+
+
+def encode_answer(answer: dict) -> bytes:
+    return json.dumps(answer, ensure_ascii=False).encode()
+
+
+def decode_answer(data: bytes) -> dict:
+    return json.loads(data)
+
+
+class NullCache:
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        return {}
+
+    async def put_many(self, items: dict[str, bytes]) -> None:
+        return None
+
+
+class StoreCache:
+    """The cache table of the target database (``backfill_cache``)."""
+
+    def __init__(self, store, ttl_days: float) -> None:  # noqa: ANN001 - a Store
+        self.store, self.ttl_days = store, ttl_days
+
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        return await asyncio.to_thread(self.store.cache_get, keys, self.ttl_days)
+
+    async def put_many(self, items: dict[str, bytes]) -> None:
+        await asyncio.to_thread(self.store.cache_put, items)
+
+
+class RedisCache:
+    """Redis, each entry with a time to live (30 days by default)."""
+
+    def __init__(self, url: str, ttl_days: float) -> None:
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(url)
+        self.ttl_seconds = int(ttl_days * 86400)
+
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        values = await self._client.mget([f"backfill:{k}" for k in keys])
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    async def put_many(self, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items.items():
+                pipe.set(f"backfill:{key}", value, ex=self.ttl_seconds)
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

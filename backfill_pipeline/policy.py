@@ -1,0 +1,54 @@
+"""Building the engine's call policy (shared rate budget, paid-results cache, retries) for a dataset."""
+
+from __future__ import annotations
+
+import hashlib
+
+from .cache import NullCache, RedisCache, ResultCache, StoreCache
+from .config import DatasetConfig, EnvRef, _ProviderSpec
+from .engine import CallPolicy
+from .ratelimit import BudgetBackend, LocalBudget, RateLimiter, RedisBudget, StoreBudget
+from .stores import Store
+
+_LOCAL_BUDGET = LocalBudget()  # one per process, for the 'local' backend
+
+
+def _url(value: str | EnvRef | None) -> str:
+    if isinstance(value, EnvRef):
+        return value.resolve()
+    return value or ""
+
+
+def budget_key(spec: _ProviderSpec) -> str:
+    """Budgets belong to a provider account and model; the base URL tells accounts' servers apart."""
+    where = hashlib.sha256((spec.base_url or "").encode()).hexdigest()[:8]
+    return f"{spec.provider}:{spec.model}:{where}"
+
+
+def build_policy(
+    dataset: DatasetConfig, spec: _ProviderSpec, store: Store, expected_output_tokens: int = 0
+) -> CallPolicy:
+    limiter_spec = dataset.rate_limiter
+    backend: BudgetBackend
+    if limiter_spec.backend == "redis":
+        backend = RedisBudget(_url(limiter_spec.redis_url))
+    elif limiter_spec.backend == "database":
+        backend = StoreBudget(store)
+    else:
+        backend = _LOCAL_BUDGET
+    cache: ResultCache
+    if dataset.cache.backend == "redis":
+        cache = RedisCache(_url(dataset.cache.redis_url), dataset.cache.ttl_days)
+    elif dataset.cache.backend == "database":
+        cache = StoreCache(store, dataset.cache.ttl_days)
+    else:
+        cache = NullCache()
+    if spec.provider == "offline":
+        cache = NullCache()  # free and deterministic: nothing to save
+    return CallPolicy(
+        limiter=RateLimiter(backend, budget_key(spec), spec.rate_limit, limiter_spec.burst_seconds),
+        cache=cache,
+        retry=spec.retry,
+        max_in_flight=spec.max_in_flight,
+        expected_output_tokens=expected_output_tokens,
+    )

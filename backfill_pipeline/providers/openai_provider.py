@@ -1,0 +1,221 @@
+"""OpenAI (and OpenAI-compatible servers: Azure, vLLM, Ollama) through the official ``openai`` SDK.
+
+Embeddings: batches of at most 2048 inputs and 300,000 tokens, at most 8192 tokens per input (longer texts
+are cut by tokens with tiktoken and counted, never sent to fail), the ``dimensions`` parameter, base64
+transport decoded with numpy. Enrichment: chat completions with a strict JSON schema (structured outputs).
+
+The SDK's own retries are off (``max_retries=0``): the engine retries by error class and counts every
+attempt, so the rate budget stays exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from functools import lru_cache
+
+import numpy as np
+import openai
+from openai import AsyncOpenAI
+
+from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
+from ..ratelimit import RateSignals, parse_reset
+from .base import EmbeddingProvider, EnrichmentProvider, ProviderError, enrichment_json_schema
+
+MAX_INPUTS = 2048
+MAX_REQUEST_TOKENS = 300_000
+MAX_INPUT_TOKENS = 8192
+# model -> (largest dimension, whether `dimensions` may shorten it)
+EMBEDDING_MODELS = {
+    "text-embedding-3-small": (1536, True),
+    "text-embedding-3-large": (3072, True),
+    "text-embedding-ada-002": (1536, False),
+}
+SYSTEM_PROMPT = (
+    "You extract structured data from a job posting. Return the skills it asks for (short names), the "
+    "seniority of the role (one of intern, junior, mid, senior, lead, executive) and a summary of the role "
+    "in at most three sentences."
+)
+
+
+@lru_cache(maxsize=8)
+def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
+    import tiktoken
+
+    try:
+        return tiktoken.encoding_for_model(model)
+    except KeyError:
+        return tiktoken.get_encoding("cl100k_base")
+
+
+def _api_key(explicit: str | None) -> str:
+    key = (explicit or os.environ.get("OPENAI_API_KEY") or "").strip()
+    if not key:
+        raise ConfigError("no OpenAI API key: set OPENAI_API_KEY (or the variable named by api_key_env)")
+    return key
+
+
+def _client(spec: EmbeddingSpec | EnrichmentSpec, api_key: str | None) -> AsyncOpenAI:
+    return AsyncOpenAI(
+        api_key=_api_key(api_key),
+        base_url=spec.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+        max_retries=0,
+        timeout=spec.timeout_seconds,
+    )
+
+
+def signals(headers) -> RateSignals:  # noqa: ANN001 - httpx Headers
+    def number(name: str) -> int | None:
+        value = headers.get(name)
+        try:
+            return int(float(value)) if value is not None else None
+        except ValueError:
+            return None
+
+    return RateSignals(
+        remaining_requests=number("x-ratelimit-remaining-requests"),
+        remaining_tokens=number("x-ratelimit-remaining-tokens"),
+        reset_requests=parse_reset(headers.get("x-ratelimit-reset-requests")),
+        reset_tokens=parse_reset(headers.get("x-ratelimit-reset-tokens")),
+    )
+
+
+def classify(exc: Exception) -> ProviderError:
+    """An SDK exception as the engine's error class (with Retry-After for 429s)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, openai.RateLimitError):
+        retry_after = parse_reset(exc.response.headers.get("retry-after")) if exc.response is not None else None
+        return ProviderError(f"rate limited (429): {exc.message}", "rate_limit", retry_after=retry_after)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ProviderError(f"OpenAI refused the API key ({exc.status_code}): {exc.message}", "fatal")
+    if isinstance(exc, openai.NotFoundError):
+        return ProviderError(f"not found (404): {exc.message}", "fatal")
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError("request timed out", "transient")
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(f"connection error: {exc}", "transient")
+    if isinstance(exc, openai.APIStatusError):
+        kind = "transient" if exc.status_code >= 500 or exc.status_code in (408, 409) else "permanent"
+        return ProviderError(f"HTTP {exc.status_code}: {exc.message}", kind)
+    if isinstance(exc, ValueError | openai.APIResponseValidationError):  # truncated or malformed body
+        return ProviderError(f"malformed response: {exc}", "transient")
+    return ProviderError(f"{type(exc).__name__}: {exc}", "transient")
+
+
+class OpenAIEmbeddingProvider(EmbeddingProvider):
+    name = "openai"
+    max_batch_size = MAX_INPUTS
+    max_batch_tokens = MAX_REQUEST_TOKENS
+
+    def __init__(self, spec: EmbeddingSpec, api_key: str | None):
+        super().__init__()
+        self.model, self.dimension = spec.model, spec.dimension
+        known = EMBEDDING_MODELS.get(spec.model)
+        if known and (spec.dimension > known[0] or (not known[1] and spec.dimension != known[0])):
+            allowed = f"at most {known[0]}" if known[1] else f"exactly {known[0]}"
+            raise ConfigError(f"{spec.model} gives {allowed} dimensions, not {spec.dimension} (embedding.dimension)")
+        self._send_dimensions = known is None or known[1]
+        self.client = _client(spec, api_key)
+
+    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+        encoding = _encoding(self.model)
+        out, counts, truncated = [], [], 0
+        for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
+            if len(tokens) > MAX_INPUT_TOKENS:
+                text, tokens = encoding.decode(tokens[:MAX_INPUT_TOKENS]), tokens[:MAX_INPUT_TOKENS]
+                truncated += 1
+            out.append(text)
+            counts.append(len(tokens))
+        return out, counts, truncated
+
+    async def preflight(self) -> None:
+        try:
+            await self.client.models.retrieve(self.model)
+        except Exception as exc:  # noqa: BLE001
+            error = classify(exc)
+            raise ConfigError(f"OpenAI embedding model {self.model!r} is not usable: {error}") from None
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        kwargs = {"dimensions": self.dimension} if self._send_dimensions else {}
+        try:
+            raw = await self.client.embeddings.with_raw_response.create(
+                model=self.model, input=texts, encoding_format="base64", **kwargs
+            )
+            response = raw.parse()
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        self.last_signals = signals(raw.headers)
+        if len(response.data) != len(texts):
+            raise ProviderError(f"asked for {len(texts)} embeddings, got {len(response.data)}", "invalid_output")
+        ordered = sorted(response.data, key=lambda d: d.index)
+        vectors = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in ordered])
+        if response.usage is not None:
+            self.usage.input_tokens += response.usage.prompt_tokens
+        return vectors
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class OpenAIEnrichmentProvider(EnrichmentProvider):
+    """One chat completion per row, with a strict JSON schema for skills, seniority and summary."""
+
+    name = "openai"
+    max_batch_size = 1
+
+    def __init__(self, spec: EnrichmentSpec, api_key: str | None):
+        super().__init__()
+        self.model = spec.model
+        self.client = _client(spec, api_key)
+
+    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+        encoding = _encoding(self.model)
+        limit = 100_000
+        out, counts, truncated = [], [], 0
+        for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
+            if len(tokens) > limit:
+                text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
+                truncated += 1
+            out.append(text)
+            counts.append(len(tokens) + 60)  # the system prompt and message framing
+        return out, counts, truncated
+
+    async def preflight(self) -> None:
+        try:
+            await self.client.models.retrieve(self.model)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"OpenAI model {self.model!r} is not usable: {classify(exc)}") from None
+
+    async def enrich(self, texts: list[str]) -> list[dict | Exception]:
+        return [await self._one(text) for text in texts]
+
+    async def _one(self, text: str) -> dict | Exception:
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "job_enrichment", "strict": True, "schema": enrichment_json_schema()},
+                },
+            )
+            response = raw.parse()
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        self.last_signals = signals(raw.headers)
+        if response.usage is not None:
+            self.usage.input_tokens += response.usage.prompt_tokens
+            self.usage.output_tokens += response.usage.completion_tokens
+        choice = response.choices[0] if response.choices else None
+        content = choice.message.content if choice else None
+        if choice is not None and getattr(choice.message, "refusal", None):
+            return ProviderError(f"the model refused: {choice.message.refusal}", "invalid_output")
+        try:
+            return json.loads(content or "")
+        except json.JSONDecodeError as exc:
+            return ProviderError(f"invalid JSON in LLM response: {exc}", "invalid_output")
+
+    async def aclose(self) -> None:
+        await self.client.close()
