@@ -221,7 +221,7 @@ def build_dataset_assets(
                 context.log.info(f"migration added: {', '.join(added) or 'nothing (schema up to date)'}")
             store.check_schema()
             part = partition_spec(context.partition_key, dataset, store)
-            holder = store.claim_partition(part.key, context.run_id, _run_alive(context.instance))
+            holder = store.claim_partition(part.key, context.run.run_id, _run_alive(context.instance))
             if holder is not None:
                 message = (
                     f"partition {part.key} is being processed by run {holder}; this run skips it "
@@ -467,7 +467,7 @@ def build_dataset_assets(
             stats = store.write_results(results, dataset.write_batch_size)
             store.record_failures(failures)
             store.clear_failures(succeeded)
-            store.release_partition(context.partition_key, context.run_id)
+            store.release_partition(context.partition_key, context.run.run_id)
         counts = reason_counts(detected_placeholders)
         enrich_failed = sum(1 for f in failures if f.stage == "enrichment")
         embed_failed = sum(1 for f in failures if f.stage == "embedding")
@@ -528,7 +528,19 @@ def _embedding_texts(dataset: DatasetConfig, todo: pa.Table, enrichment: pa.Tabl
 
 
 def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.Table) -> pa.Table:
-    """One row per id with a successful result, holding the columns to write (nulls leave values alone)."""
+    """One row per id with a successful result, holding the columns to write (nulls leave values alone).
+
+    The content hash says "embedding and enrichment were made from this text": a row whose enrichment
+    failed keeps its old hash, so the next run still sees it as needing enrichment.
+    """
+    if enrichment.num_rows:
+        enrichment_failed = pc.filter(enrichment.column("id"), pc.is_valid(enrichment.column("error")))
+        unhashed = pc.is_in(embeddings.column("id"), value_set=enrichment_failed)
+        embeddings = embeddings.set_column(
+            embeddings.schema.get_field_index("content_hash"),
+            "content_hash",
+            pc.if_else(unhashed, pa.scalar(None, pa.string()), embeddings.column("content_hash")),
+        )
     emb = embeddings.filter(pc.is_null(embeddings.column("error")))
     enr = enrichment.filter(pc.is_null(enrichment.column("error")))
     emb_ids = emb.column("id").to_pylist()

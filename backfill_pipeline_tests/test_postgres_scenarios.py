@@ -37,7 +37,8 @@ def posting(i: int) -> tuple[str, str, str]:
         title,
         f"Company {i % 7}",
         (
-            f"Posting {i}. We are looking for a {title} to join our team in city {i % 5}. You will work with Python, SQL and "
+            f"Posting {i}. We are looking for a {title} to join our team in city {i % 5}. "
+            "You will work with Python, SQL and "
             f"stakeholders across the business.\n\nRequirements: {2 + i % 6}+ years of experience."
         ),
     )

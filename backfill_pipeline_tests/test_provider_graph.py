@@ -1,0 +1,292 @@
+"""Real providers (over loopback HTTP) through the Dagster graph: config switches, cache, failures,
+shared budgets across processes, crash recovery, Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from backfill_pipeline.config import load_config
+from backfill_pipeline.stores import open_store
+
+from .conftest import REPO, demo_config_dict, query, subprocess_env, write_config
+from .fake_providers import GEMINI_KEY, OPENAI_KEY, FakeProviderServer, ModelLimits
+from .graph_helpers import metadata, register, run_partition
+from .pg import unavailable
+
+FAST = {"rate_limit_base_seconds": 0.05, "transient_base_seconds": 0.05, "max_attempts": 3}
+
+
+@pytest.fixture
+def server():
+    srv = FakeProviderServer().start()
+    yield srv
+    srv.stop()
+
+
+def provider_config(demo_db: Path, server: FakeProviderServer, provider: str = "openai", **dataset) -> dict:
+    data = demo_config_dict(demo_db)
+    jobs = data["datasets"]["jobs"]
+    if provider == "openai":
+        jobs["embedding"] = {
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "dimension": 768,
+            "base_url": server.openai_url,
+            "retry": FAST,
+            "price_per_million_input_tokens": 0.02,
+        }
+        jobs["enrichment"] = {
+            "enabled": True,
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "base_url": server.openai_url,
+            "retry": FAST,
+            "max_in_flight": 16,
+            "price_per_million_input_tokens": 0.15,
+            "price_per_million_output_tokens": 0.6,
+        }
+    else:
+        jobs["embedding"] = {
+            "provider": "gemini",
+            "model": "gemini-embedding-001",
+            "dimension": 768,
+            "task_type": "RETRIEVAL_DOCUMENT",
+            "base_url": server.gemini_url,
+            "retry": FAST,
+        }
+        jobs["enrichment"] = {
+            "enabled": True,
+            "provider": "gemini",
+            "model": "gemini-2.0-flash",
+            "base_url": server.gemini_url,
+            "retry": FAST,
+            "max_in_flight": 16,
+        }
+    jobs.update(dataset)
+    return data
+
+
+def setup(tmp_path: Path, data: dict, monkeypatch) -> tuple:
+    path = write_config(tmp_path, data)
+    monkeypatch.setenv("BACKFILL_CONFIG", str(path))
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    monkeypatch.setenv("GEMINI_API_KEY", GEMINI_KEY)
+    config = load_config(path)
+    with open_store("jobs", config.datasets["jobs"]) as store:
+        store.migrate()
+    return path, config
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_switching_provider_by_config_alone(demo_db, tmp_path, monkeypatch, server, instance, provider) -> None:
+    _, config = setup(tmp_path, provider_config(demo_db, server, provider), monkeypatch)
+    key = register(config, "jobs", instance)[0]
+    result = run_partition(config, "jobs", key, instance, force=True)  # every row with text, paid once
+    enrich, embed = metadata(result, "llm_enrichment"), metadata(result, "embeddings")
+    assert enrich["provider_requests"] == enrich["rows_in"] == server.count("chat", 200)
+    assert embed["provider_inputs"] == embed["rows_in"] > 0
+    assert embed["provider_requests"] == server.count("embeddings", 200)
+    if provider == "openai":
+        assert embed["provider_cost_usd"] == pytest.approx(embed["provider_input_tokens"] / 1e6 * 0.02, abs=1e-6)
+        assert enrich["provider_output_tokens"] > 0 and enrich["provider_cost_usd"] > 0
+    rows = query(
+        demo_db,
+        "SELECT count(*) FROM job_postings WHERE id < 100 AND description != '' "
+        "AND json_array_length(embedding) = 768 AND summary IS NOT NULL",
+    )
+    assert rows[0][0] == query(demo_db, "SELECT count(*) FROM job_postings WHERE id < 100 AND description != ''")[0][0]
+
+    # paid answers are cached in the database: a second forced redo pays nothing
+    before = (server.count("chat"), server.count("embeddings"))
+    again = run_partition(config, "jobs", key, instance, force=True)
+    assert (server.count("chat"), server.count("embeddings")) == before
+    assert metadata(again, "llm_enrichment")["provider_cache_hits"] == metadata(again, "llm_enrichment")["rows_in"]
+    assert metadata(again, "embeddings")["provider_cache_hits"] == metadata(again, "embeddings")["rows_in"]
+
+
+def test_failed_rows_are_recorded_cool_down_and_requeue(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    conn = sqlite3.connect(demo_db)
+    conn.execute("UPDATE job_postings SET description = description || ' FAULT:schema' WHERE id IN (3, 4, 5)")
+    conn.commit()
+    conn.close()
+    _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
+    key = register(config, "jobs", instance)[0]
+    first = run_partition(config, "jobs", key, instance)
+    assert metadata(first, "written_table")["rows_enrichment_failed"] == 3
+    failures = query(
+        demo_db, "SELECT row_id, stage, error_class, attempts, message FROM backfill_failures ORDER BY row_id"
+    )
+    assert [(f[0], f[1], f[2], f[3]) for f in failures] == [
+        (str(i), "enrichment", "invalid_output", 1) for i in (3, 4, 5)
+    ]
+    assert "seniority" in failures[0][4]
+    asked = server.count("chat")
+
+    cooling = run_partition(config, "jobs", key, instance)
+    assert metadata(cooling, "detected_placeholders")["rows_failed_cooling_down"] == 3
+    assert server.count("chat") == asked  # nothing asked again during the cool-down
+
+    requeued = run_partition(config, "jobs", key, instance, requeue_failed=True)
+    assert metadata(requeued, "llm_enrichment")["rows_in"] == 3 and server.count("chat") == asked + 3
+    assert [r[0] for r in query(demo_db, "SELECT attempts FROM backfill_failures ORDER BY row_id")] == [2, 2, 2]
+
+
+def test_secrets_never_reach_logs_or_metadata(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
+    key = register(config, "jobs", instance)[0]
+    result = run_partition(config, "jobs", key, instance)
+    records = instance.all_logs(result.run_id)
+    text = "\n".join(str(r) for r in records)
+    assert "llm_enrichment" in text or "jobs__llm_enrichment" in text
+    assert OPENAI_KEY not in text and OPENAI_KEY[:12] not in text
+
+
+def test_missing_key_fails_the_step_clearly_without_calls(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    key = register(config, "jobs", instance)[0]
+    job = (
+        __import__("backfill_pipeline.definitions", fromlist=["x"])
+        .build_definitions(config)
+        .resolve_job_def("jobs_backfill_job")
+    )
+    with pytest.raises(Exception) as info:
+        job.execute_in_process(partition_key=key, instance=instance)
+    assert "no OpenAI API key" in str(info.value) or "OPENAI_API_KEY" in str(info.value)
+    assert server.count("chat") == 0 and server.count("embeddings") == 0
+
+
+def _spawn(key: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill_pipeline_tests.run_partition_script", "jobs", key],
+        cwd=REPO,
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, backend: str) -> FakeProviderServer:
+    data = provider_config(demo_db, server, rate_limiter={"backend": backend, "burst_seconds": 0.5})
+    data["datasets"]["jobs"]["embedding"] = {"provider": "offline", "dimension": 768}
+    data["datasets"]["jobs"]["enrichment"]["rate_limit"] = {"requests_per_minute": 1200}
+    data["datasets"]["jobs"]["enrichment"]["retry"] = {
+        "rate_limit_base_seconds": 0.2,
+        "transient_base_seconds": 0.1,
+        "max_attempts": 8,
+    }
+    server.limits["gpt-4o-mini"] = ModelLimits(requests_per_minute=1200, burst_seconds=1.0)
+    path, config = setup(tmp_path, data, monkeypatch)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {"BACKFILL_CONFIG": str(path), "DAGSTER_HOME": str(home), "OPENAI_API_KEY": OPENAI_KEY}
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    keys = register(config, "jobs", dg.DagsterInstance.get())
+    procs = [_spawn(k, env) for k in keys[:2]]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for out, err in outs:
+        assert json.loads(out.strip().splitlines()[-1])["success"], err[-2000:]
+    return server
+
+
+def test_budget_holds_across_processes(demo_db, tmp_path, monkeypatch, server) -> None:
+    _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, "database")
+    accepted = sorted(t for t, route, *_ in server.stats.accepted_at if route == "chat")
+    assert len(accepted) > 100
+    assert server.count("chat", 429) <= 2  # the server's own count
+    # after the first second, never more than the budget allows (20 requests/s plus the burst)
+    for i, t in enumerate(accepted):
+        window = [u for u in accepted[i : i + 40] if u - t < 1.0]
+        assert len(window) <= 20 + 10
+
+
+def test_without_a_shared_budget_the_server_pushes_back(demo_db, tmp_path, monkeypatch, server) -> None:
+    """The control: each process with its own budget overshoots, and the server answers 429."""
+    _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, "local")
+    assert server.count("chat", 429) > 5
+
+
+def test_killed_partition_pays_at_most_in_flight_again(demo_db, tmp_path, monkeypatch, server) -> None:
+    data = provider_config(demo_db, server)
+    data["datasets"]["jobs"]["partitioning"]["width"] = 1000
+    data["datasets"]["jobs"]["enrichment"]["max_in_flight"] = 4
+    server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.05)
+    path, config = setup(tmp_path, data, monkeypatch)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = dg.DagsterInstance.get()
+    key = register(config, "jobs", instance)[0]
+    env = {"BACKFILL_CONFIG": str(path), "DAGSTER_HOME": str(home), "OPENAI_API_KEY": OPENAI_KEY}
+    proc = _spawn(key, env)
+    deadline = time.time() + 120
+    while server.count("chat", 200) < 60 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    answered_before = server.answered("chat")
+    assert 60 <= answered_before < 250, "the kill was meant to land mid-enrichment"
+    # run monitoring marks a run whose process died as failed; do what it does
+    for record in instance.get_run_records():
+        if not record.dagster_run.is_finished:
+            instance.report_run_failed(record.dagster_run)
+
+    outcome = json.loads(_spawn(key, env).communicate(timeout=240)[0].strip().splitlines()[-1])
+    assert outcome["success"], outcome["errors"]
+    assert outcome["assets"]["llm_enrichment"]["provider_cache_hits"] >= answered_before - 4
+    assert server.repeated_texts("chat") <= 4  # at most the requests that were in flight when killed
+    assert query(demo_db, "SELECT count(*) FROM job_postings WHERE description != '' AND summary IS NULL")[0][0] == 0
+
+
+def test_redis_cache_with_ttl(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        unavailable("no Redis on 127.0.0.1:6379")
+    data = provider_config(
+        demo_db, server, cache={"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "ttl_days": 30}
+    )
+    # a unique model name keeps this test's keys apart from any other run's
+    model = "text-embedding-3-small"
+    data["datasets"]["jobs"]["embedding"]["model"] = model
+    data["datasets"]["jobs"]["enrichment"]["model"] = "gpt-4o-mini"
+    _, config = setup(tmp_path, data, monkeypatch)
+    before_keys = set(client.keys("backfill:*"))
+    key = register(config, "jobs", instance)[0]
+    run_partition(config, "jobs", key, instance)
+    new_keys = set(client.keys("backfill:*")) - before_keys
+    try:
+        assert len(new_keys) >= metadata_rows(demo_db)
+        ttl = client.ttl(next(iter(new_keys)))
+        assert 29 * 86400 < ttl <= 30 * 86400
+        before = (server.count("chat"), server.count("embeddings"))
+        forced = run_partition(config, "jobs", key, instance, force=True)
+        assert (server.count("chat"), server.count("embeddings")) == before
+        assert metadata(forced, "embeddings")["provider_cache_hits"] > 0
+    finally:
+        if new_keys:
+            client.delete(*new_keys)
+        _ = uuid
+
+
+def metadata_rows(db: Path) -> int:
+    return query(
+        db,
+        "SELECT count(*) FROM job_postings WHERE id < 100 AND description != '' "
+        "AND embedding_model = 'text-embedding-3-small'",
+    )[0][0]
