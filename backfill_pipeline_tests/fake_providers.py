@@ -84,6 +84,11 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default backlog of 5 drops bursts of new connections
+    daemon_threads = True
+
+
 class FakeProviderServer:
     def __init__(self, limits: dict[str, ModelLimits] | None = None, models: set[str] | None = None):
         self.limits = limits or {}
@@ -100,7 +105,7 @@ class FakeProviderServer:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         handler = type("Handler", (_Handler,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
