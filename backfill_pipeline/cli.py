@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .config import BackfillConfig, ConfigError, DatasetConfig, load_config
@@ -23,11 +25,8 @@ from .stores import StoreError, open_store
 from .stores.sqlite import sqlite_path
 
 
-@functools.cache
-def _instance():
-    """The Dagster instance of $DAGSTER_HOME, or of ./.dagster_home (created) when it is unset."""
-    import dagster as dg
-
+def _dagster_home() -> Path:
+    """$DAGSTER_HOME, or ./.dagster_home (created, with a local dagster.yaml) when it is unset."""
     if not os.environ.get("DAGSTER_HOME"):
         home = Path(".dagster_home").resolve()
         home.mkdir(exist_ok=True)
@@ -37,6 +36,15 @@ def _instance():
         settings.write_text(
             "# local instance: metadata in SQLite files beside this one\ntelemetry:\n  enabled: false\n"
         )
+    return settings.parent
+
+
+@functools.cache
+def _instance():
+    """The Dagster instance of :func:`_dagster_home`."""
+    import dagster as dg
+
+    _dagster_home()
     return dg.DagsterInstance.get()
 
 
@@ -126,40 +134,73 @@ def cmd_register(config: BackfillConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def materialize_partitions(
-    config: BackfillConfig, name: str, keys: list[str], *, force: bool = False, limit: int | None = None
-) -> bool:
-    """Run the dataset's job for each partition key in this process; True when every run succeeded."""
-    from .definitions import build_definitions, job_name
-
-    defs = build_definitions(config)
-    job = defs.resolve_job_def(job_name(name))
-    instance = _instance()
+def _run_config(name: str, force: bool, limit: int | None) -> dict:
     detection: dict[str, object] = {"force": force}
     if limit:
         detection["limit"] = limit
-    run_config = {
+    return {
         "ops": {f"{name}__detected_placeholders": {"config": detection}},
         # the full event log is in the instance (and the UI); the terminal gets warnings and a line per run
         "loggers": {"console": {"config": {"log_level": os.environ.get("BACKFILL_LOG_LEVEL", "WARNING")}}},
     }
+
+
+def _run_partition(config_path: str | None, name: str, key: str, force: bool, limit: int | None) -> tuple:
+    """One partition's run in this process: (key, success, rows written, seconds, run id)."""
+    started = time.monotonic()
+    job = _job_cache(config_path, name)
+    result = job.execute_in_process(
+        partition_key=key, instance=_instance(), run_config=_run_config(name, force, limit), raise_on_error=False
+    )
+    written = 0
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
+        if mat.asset_key.path[-1] == "written_table":
+            written = mat.metadata["rows_written"].value
+    return key, result.success, written, time.monotonic() - started, result.run_id
+
+
+@functools.cache
+def _job_cache(config_path: str | None, name: str):  # noqa: ANN202 - a JobDefinition
+    from .definitions import build_definitions, job_name
+
+    return build_definitions(load_config(config_path)).resolve_job_def(job_name(name))
+
+
+def materialize_partitions(
+    config_path: str | None,
+    name: str,
+    keys: list[str],
+    *,
+    force: bool = False,
+    limit: int | None = None,
+    parallel: int = 1,
+) -> bool:
+    """Run the dataset's job for each partition key; True when every run succeeded.
+
+    With ``parallel`` > 1, that many worker processes take partitions from a shared queue, as a
+    partition backfill's runs would; the rate budget and partition leases hold across them.
+    """
     ok = True
-    for n, key in enumerate(keys, 1):
-        started = time.monotonic()
-        result = job.execute_in_process(
-            partition_key=key, instance=instance, run_config=run_config, raise_on_error=False
-        )
-        written = 0
-        for event in result.get_asset_materialization_events():
-            mat = event.event_specific_data.materialization  # type: ignore[union-attr]
-            if mat.asset_key.path[-1] == "written_table":
-                written = mat.metadata["rows_written"].value
-        status = "ok" if result.success else "FAILED"
-        print(
-            f"  [{n}/{len(keys)}] {name} {key}: {status}, {written} rows written in "
-            f"{time.monotonic() - started:.1f}s (run {result.run_id[:8]})"
-        )
-        ok &= result.success
+    results = []
+    if parallel <= 1:
+        results = (_run_partition(config_path, name, k, force, limit) for k in keys)
+    else:
+        _dagster_home()  # for the workers; each opens its own instance after the fork
+        # fork where available: the workers start with Dagster already imported (seconds saved per worker)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context(method))
+        futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
+        results = (f.result() for f in as_completed(futures))
+    try:
+        for n, (key, success, written, seconds, run_id) in enumerate(results, 1):
+            status = "ok" if success else "FAILED"
+            line = f"  [{n}/{len(keys)}] {name} {key}: {status}, {written} rows written in {seconds:.1f}s"
+            print(f"{line} (run {run_id[:8]})", flush=True)
+            ok &= success
+    finally:
+        if parallel > 1:
+            pool.shutdown()
     return ok
 
 
@@ -172,7 +213,9 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
             print(f"{name}: no partitions registered; run `backfill-pipeline register` first")
             ok = False
             continue
-        ok &= materialize_partitions(config, name, keys, force=args.force, limit=args.limit)
+        ok &= materialize_partitions(
+            args.config, name, keys, force=args.force, limit=args.limit, parallel=args.parallel
+        )
     return 0 if ok else 1
 
 
@@ -309,7 +352,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     )
     print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
     started = time.monotonic()
-    ok = materialize_partitions(config, name, keys)
+    ok = materialize_partitions(args.config, name, keys)
     seconds = time.monotonic() - started
     print("\ncoverage after:")
     rows = _coverage_rows(name, dataset, by_partition=False)
@@ -354,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
     p.add_argument("--force", action="store_true", help="redo every row")
     p.add_argument("--limit", type=int, help="at most this many rows per partition")
+    p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
     p = add("pools", cmd_pools, "set the concurrency limits of the provider-calling pools", False)
     p.add_argument("--embedding", type=int, default=4, help="embedding steps running at once (all runs)")
     p.add_argument("--llm", type=int, default=4, help="enrichment steps running at once (all runs)")
