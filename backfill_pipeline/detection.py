@@ -46,7 +46,6 @@ VECTOR_REASONS = (
     Reason.PLACEHOLDER_SEQUENTIAL,
     Reason.WRONG_DIMENSION,
 )
-SKIPPED_REASONS = frozenset({Reason.OK, Reason.NO_TEXT, Reason.COOLING_DOWN})
 
 
 def classify_vectors(embeddings: pa.Array | pa.ChunkedArray, dimension: int) -> np.ndarray:

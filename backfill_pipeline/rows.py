@@ -45,14 +45,6 @@ def matrix_array(matrix: np.ndarray, valid: np.ndarray | None = None) -> pa.Fixe
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
 
 
-def array_to_matrix(array: pa.Array | pa.ChunkedArray, dimension: int) -> np.ndarray:
-    """The inverse of :func:`matrix_array` for non-null rows of equal length."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    flat = array.flatten().to_numpy(zero_copy_only=False)
-    return flat.astype(np.float32, copy=False).reshape(-1, dimension)
-
-
 def raw_schema(
     text_fields: Iterable[str], enrichment_fields: Iterable[str], id_type: pa.DataType | None = None
 ) -> pa.Schema:

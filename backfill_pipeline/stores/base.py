@@ -114,9 +114,6 @@ class Store(ABC):
     def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
         """``(archive value, max id)`` for each archive holding rows (with id > ``after_id``)."""
 
-    @abstractmethod
-    def max_id(self) -> int | None: ...
-
     # -- rows ------------------------------------------------------------------------------------
     @abstractmethod
     def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -137,9 +134,6 @@ class Store(ABC):
         ``results`` holds ``id`` and any of ``embedding`` (fixed-size list), ``content_hash``, ``model``,
         ``embedded_at``, ``enrichment:<field>`` and ``enriched_at``; a null leaves the stored value.
         """
-
-    @abstractmethod
-    def count_rows(self, part: PartitionSpec | None = None) -> int: ...
 
     # -- failures --------------------------------------------------------------------------------
     @abstractmethod

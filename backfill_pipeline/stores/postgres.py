@@ -291,12 +291,6 @@ class PostgresStore(Store):
         params = [after_id] if after_id is not None else []
         return [(str(a), int(m)) for a, m in self.conn.execute(query, params)]
 
-    def max_id(self) -> int | None:
-        row = self.conn.execute(
-            sql.SQL("SELECT max(s.{})::bigint FROM {}").format(self.id, self._source_filtered())
-        ).fetchone()
-        return None if row[0] is None else int(row[0])
-
     # -- rows ------------------------------------------------------------------------------------
     def _where(self, part: PartitionSpec | None) -> tuple[sql.Composable, list]:
         clauses: list[sql.Composable] = []
@@ -361,11 +355,6 @@ class PostgresStore(Store):
                 arrays.append(vector_array(vectors))
                 arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 :]]
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-    def count_rows(self, part: PartitionSpec | None = None) -> int:
-        where, params = self._where(part)
-        query = sql.SQL("SELECT count(*) FROM {}{}").format(self._source_filtered(), where)
-        return int(self.conn.execute(query, params).fetchone()[0])
 
     # -- writes ----------------------------------------------------------------------------------
     def _adapter(self, column: str, source: str) -> tuple[str, Callable[[object], object]]:

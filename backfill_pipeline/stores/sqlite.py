@@ -172,10 +172,6 @@ class SQLiteStore(Store):
         params = [after_id] if after_id is not None else []
         return [(str(a), int(m)) for a, m in self.conn.execute(sql, params)]
 
-    def max_id(self) -> int | None:
-        row = self.conn.execute(f"SELECT MAX(s.{self.id}) FROM {self._source_filtered()}").fetchone()
-        return None if row[0] is None else int(row[0])
-
     # -- rows ------------------------------------------------------------------------------------
     def _where(self, part: PartitionSpec | None) -> tuple[str, list]:
         clauses, params = [], []
@@ -217,10 +213,6 @@ class SQLiteStore(Store):
             arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 : emb_at + 3]]
             arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in columns[emb_at + 3 :]]
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-    def count_rows(self, part: PartitionSpec | None = None) -> int:
-        where, params = self._where(part)
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM {self._source_filtered()}{where}", params).fetchone()[0])
 
     def _embedding_is_blob(self) -> bool:
         return "BLOB" in self._columns(self.dst_table).get(self.dataset.embedding.column, "")
