@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: demo test install install-test dev lint clean
 
@@ -28,13 +28,13 @@ $(DAGSTER_HOME)/dagster.yaml:
 	cp dagster.local.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/backfill-pipeline demo
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/backfill-pipeline demo
 
 test: install-test
 	$(BIN)/python -m pytest
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
 
 lint: install-test
 	$(BIN)/ruff check backfill_pipeline backfill_pipeline_tests

@@ -64,7 +64,9 @@ def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    """The environment for a subprocess: this one without pytest's and the project's own settings, plus ``extra``."""
+    own = ("DAGSTER_HOME", "BACKFILL_CONFIG", "DAGSTER_POSTGRES_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in own}
     env.update(extra)
     return env
 

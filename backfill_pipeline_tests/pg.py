@@ -56,6 +56,7 @@ class OwnedCluster:
             self.user = "pgserver"
             ensure_user_exists(self.user)
             ensure_prefix_permissions(self.data)
+            ensure_prefix_permissions(POSTGRES_BIN_PATH)  # the server user must reach the binaries, as in pgserver
             ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
             ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
             entry = pwd.getpwnam(self.user)
