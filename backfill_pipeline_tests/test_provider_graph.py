@@ -180,7 +180,10 @@ def _spawn(key: str, env: dict) -> subprocess.Popen:
 
 
 def _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, backend: str) -> FakeProviderServer:
-    data = provider_config(demo_db, server, rate_limiter={"backend": backend, "burst_seconds": 0.5})
+    limiter = {"backend": backend, "burst_seconds": 0.5}
+    if backend == "redis":
+        limiter["redis_url"] = "redis://127.0.0.1:6379/0"
+    data = provider_config(demo_db, server, rate_limiter=limiter)
     data["datasets"]["jobs"]["embedding"] = {"provider": "offline", "dimension": 768}
     data["datasets"]["jobs"]["enrichment"]["rate_limit"] = {"requests_per_minute": 1200}
     data["datasets"]["jobs"]["enrichment"]["retry"] = {
@@ -202,8 +205,9 @@ def _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, backend: str
     return server
 
 
-def test_budget_holds_across_processes(demo_db, tmp_path, monkeypatch, server) -> None:
-    _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, "database")
+@pytest.mark.parametrize("backend", ["database", "redis"])
+def test_budget_holds_across_processes(demo_db, tmp_path, monkeypatch, server, backend) -> None:
+    _two_partitions_at_once(demo_db, tmp_path, monkeypatch, server, backend)
     accepted = sorted(t for t, route, *_ in server.stats.accepted_at if route == "chat")
     assert len(accepted) > 100
     assert server.count("chat", 429) <= 2  # the server's own count
