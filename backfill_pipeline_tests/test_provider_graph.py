@@ -211,10 +211,10 @@ def test_budget_holds_across_processes(demo_db, tmp_path, monkeypatch, server, b
     accepted = sorted(t for t, route, *_ in server.stats.accepted_at if route == "chat")
     assert len(accepted) > 100
     assert server.count("chat", 429) <= 2  # the server's own count
-    # after the first second, never more than the budget allows (20 requests/s plus the burst)
+    # in any 1-second window at most rate * 1s + rate * burst + 1 requests (GCRA): 20 + 10 + 1, both processes
     for i, t in enumerate(accepted):
-        window = [u for u in accepted[i : i + 40] if u - t < 1.0]
-        assert len(window) <= 20 + 10
+        window = [u for u in accepted[i : i + 60] if u - t < 1.0]
+        assert len(window) <= 20 + 10 + 1
 
 
 def test_without_a_shared_budget_the_server_pushes_back(demo_db, tmp_path, monkeypatch, server) -> None:
