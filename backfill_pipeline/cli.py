@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from .config import BackfillConfig, ConfigError, DatasetConfig, load_config
 from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_def_for, register_partitions
+from .plan import plan_dataset
 from .stores import StoreError, open_store
 from .stores.sqlite import sqlite_path
 
@@ -207,8 +206,14 @@ def materialize_partitions(
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
     instance = _instance()
-    for name in _datasets(config, args.dataset):
-        keys = args.partition or instance.get_dynamic_partitions(partitions_def_for(name).name)
+    keys_of = {
+        name: list(args.partition or instance.get_dynamic_partitions(partitions_def_for(name).name))
+        for name in _datasets(config, args.dataset)
+    }
+    if not _confirmed(config, args, keys_of):
+        print("nothing done")
+        return 1
+    for name, keys in keys_of.items():
         if not keys:
             print(f"{name}: no partitions registered; run `backfill-pipeline register` first")
             ok = False
@@ -221,61 +226,19 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Dry run: what needs work and what it would cost, without calling a provider or writing."""
-    from .detection import detect
-
     for name, dataset in _datasets(config, args.dataset).items():
-        reasons: Counter = Counter()
-        chars_embed = chars_enrich = rows_embed = rows_enrich = 0
-        with open_store(name, dataset) as store:
-            store.check_schema()
-            for key, _ in partition_activity(store, dataset):
-                raw = store.read_partition(partition_spec(key, dataset, store))
-                cooling = store.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
-                detected = detect(raw, dataset, force=args.force, cooling_ids=cooling)
-                reasons.update(detected.column("reason").to_pylist())
-                for text, emb, enr in zip(
-                    detected.column("text").to_pylist(),
-                    detected.column("needs_embedding").to_pylist(),
-                    detected.column("needs_enrichment").to_pylist(),
-                    strict=True,
-                ):
-                    rows_embed += emb
-                    rows_enrich += enr
-                    chars_embed += len(text or "") * emb
-                    chars_enrich += len(text or "") * enr
-        emb, enr = dataset.embedding, dataset.enrichment
-        tokens_embed, tokens_enrich = chars_embed // 4, chars_enrich // 4  # ~4 characters per token
-        requests_embed = math.ceil(rows_embed / emb.batch_size) if rows_embed else 0
-        requests_enrich = rows_enrich if enr.provider != "offline" else math.ceil(rows_enrich / enr.batch_size)
-        cost = tokens_embed / 1e6 * emb.price_per_million_input_tokens + (
-            tokens_enrich / 1e6 * enr.price_per_million_input_tokens
-            + rows_enrich * 300 / 1e6 * enr.price_per_million_output_tokens
-        )
-        minutes = max(
-            _minutes(requests_embed, tokens_embed, emb.rate_limit),
-            _minutes(requests_enrich, tokens_enrich, enr.rate_limit),
-        )
-        print(f"{name}: {sum(reasons.values())} rows")
-        for reason, count in sorted(reasons.items()):
-            print(f"  {reason:<24} {count}")
-        print(f"  embedding:  {rows_embed} rows, ~{tokens_embed:,} tokens, {requests_embed} requests ({emb.model})")
-        if enr.enabled:
-            print(
-                f"  enrichment: {rows_enrich} rows, ~{tokens_enrich:,} tokens in, "
-                f"{requests_enrich} requests ({enr.model})"
-            )
-        print(f"  estimated cost ${cost:.4f} at configured prices; at least {minutes:.1f} min at configured limits")
+        print("\n".join(plan_dataset(name, dataset, force=args.force).lines()))
     print("dry run: no provider was called and nothing was written")
     return 0
 
 
-def _minutes(requests: int, tokens: int, limit) -> float:
-    bounds = [0.0]
-    if limit.requests_per_minute:
-        bounds.append(requests / limit.requests_per_minute)
-    if limit.tokens_per_minute:
-        bounds.append(tokens / limit.tokens_per_minute)
-    return max(bounds)
+def _confirmed(config: BackfillConfig, args: argparse.Namespace, keys: dict[str, list[str]]) -> bool:
+    """At a terminal, show the plan and ask before anything is paid for; scripts and CI are not asked."""
+    if args.yes or not sys.stdin.isatty():
+        return True
+    for name, dataset in _datasets(config, args.dataset).items():
+        print("\n".join(plan_dataset(name, dataset, force=args.force, keys=keys[name]).lines()))
+    return input("Continue? (yes/no): ").strip().lower() in ("y", "yes")
 
 
 def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -398,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every row")
     p.add_argument("--limit", type=int, help="at most this many rows per partition")
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation at a terminal")
     p = add("pools", cmd_pools, "set the concurrency limits of the provider-calling pools", False)
     p.add_argument("--embedding", type=int, default=4, help="embedding steps running at once (all runs)")
     p.add_argument("--llm", type=int, default=4, help="enrichment steps running at once (all runs)")

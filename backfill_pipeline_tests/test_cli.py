@@ -119,3 +119,44 @@ def test_config_errors_reach_the_user(tmp_path: Path) -> None:
         [str(BIN / "dagster"), "definitions", "validate", "-m", "backfill_pipeline.definitions"], tmp_path, **env
     )
     assert validate.returncode != 0 and "embedding.dimensions" in validate.stderr + validate.stdout
+
+
+def _at_terminal(args: list[str], answer: str, env: dict, cwd: Path) -> str:
+    """Run a command with a pseudo-terminal as its input (so it is interactive) and type ``answer``."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=subprocess_env(**env),
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    os.close(follower)
+    os.write(leader, (answer + "\n").encode())
+    out, _ = proc.communicate(timeout=300)
+    os.close(leader)
+    return out
+
+
+def test_interactive_materialize_shows_the_plan_and_asks(tmp_path: Path) -> None:
+    db = tmp_path / "demo.sqlite"
+    config = write_config(tmp_path, demo_config_dict(db))
+    env = {"BACKFILL_CONFIG": str(config), "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    cli = str(BIN / "backfill-pipeline")
+    assert run([cli, "create-demo-db", "--rows", "120", "--path", str(db)], tmp_path, **env).returncode == 0
+    assert run([cli, "register"], tmp_path, **env).returncode == 0
+    nulls = "SELECT count(*) FROM job_postings WHERE embedding IS NULL AND description != ''"
+    before = query(db, nulls)[0][0]
+
+    declined = _at_terminal([cli, "materialize"], "no", env, tmp_path)
+    assert "null_embedding" in declined and "Continue? (yes/no)" in declined and "nothing done" in declined
+    assert query(db, nulls)[0][0] == before > 0  # nothing was paid for or written
+
+    accepted = _at_terminal([cli, "materialize"], "yes", env, tmp_path)
+    assert "rows written" in accepted and query(db, nulls)[0][0] == 0
