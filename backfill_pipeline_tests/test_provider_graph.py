@@ -116,7 +116,9 @@ def test_switching_provider_by_config_alone(demo_db, tmp_path, monkeypatch, serv
     assert metadata(again, "embeddings")["provider_cache_hits"] == metadata(again, "embeddings")["rows_in"]
 
 
-def test_failed_rows_are_recorded_cool_down_and_requeue(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+def test_failed_rows_are_recorded_cool_down_and_requeue(
+    demo_db, tmp_path, monkeypatch, server, instance, capsys
+) -> None:
     conn = sqlite3.connect(demo_db)
     conn.execute("UPDATE job_postings SET description = description || ' FAULT:schema' WHERE id IN (3, 4, 5)")
     conn.commit()
@@ -138,9 +140,23 @@ def test_failed_rows_are_recorded_cool_down_and_requeue(demo_db, tmp_path, monke
     assert metadata(cooling, "detected_placeholders")["rows_failed_cooling_down"] == 3
     assert server.count("chat") == asked  # nothing asked again during the cool-down
 
+    # the operator's view: the failures command lists them with their error; requeue makes one eligible now
+    listing = _cli(capsys, "failures")
+    assert all(f" {i} " in listing for i in (3, 4, 5)) and "invalid_output" in listing and "enrichment" in listing
+    assert "1 failed rows re-queued" in _cli(capsys, "requeue", "--ids", "4")
+    assert metadata(run_partition(config, "jobs", key, instance), "llm_enrichment")["rows_in"] == 1
+
     requeued = run_partition(config, "jobs", key, instance, requeue_failed=True)
-    assert metadata(requeued, "llm_enrichment")["rows_in"] == 3 and server.count("chat") == asked + 3
-    assert [r[0] for r in query(demo_db, "SELECT attempts FROM backfill_failures ORDER BY row_id")] == [2, 2, 2]
+    assert metadata(requeued, "llm_enrichment")["rows_in"] == 3 and server.count("chat") == asked + 1 + 3
+    assert [r[0] for r in query(demo_db, "SELECT attempts FROM backfill_failures ORDER BY row_id")] == [2, 3, 2]
+
+
+def _cli(capsys, *args: str) -> str:
+    from backfill_pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
 
 
 def test_secrets_never_reach_logs_or_metadata(demo_db, tmp_path, monkeypatch, server, instance) -> None:
