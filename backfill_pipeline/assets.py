@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from .config import ConfigError, DatasetConfig, _ProviderSpec
+from .config import ConfigError, DatasetConfig, ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
 from .engine import CallPolicy, FatalProviderError, embed_texts, enrich_texts
 from .partitions import partition_spec
@@ -57,7 +57,7 @@ def _timing(started: float, rows: int) -> dict[str, dg.MetadataValue]:
     }
 
 
-def _usage_metadata(usage: Usage, prefix: str, spec: _ProviderSpec | None = None) -> dict[str, dg.MetadataValue]:
+def _usage_metadata(usage: Usage, prefix: str, spec: ProviderSpec | None = None) -> dict[str, dg.MetadataValue]:
     cost = usage.cost(spec.price_per_million_input_tokens, spec.price_per_million_output_tokens) if spec else 0.0
     return {
         f"{prefix}_cache_hits": dg.MetadataValue.int(usage.cache_hits),
@@ -122,7 +122,7 @@ def run_stage(
     database: DatabaseResource,
     name: str,
     dataset: DatasetConfig,
-    spec: _ProviderSpec,
+    spec: ProviderSpec,
     make_provider: Callable[[], EmbeddingProvider | EnrichmentProvider],
     work: Callable[[EmbeddingProvider | EnrichmentProvider, CallPolicy], Awaitable[T]],
 ) -> tuple[T, Usage]:

@@ -128,7 +128,7 @@ class ProviderRetrySpec(_Model):
     max_attempts: int = Field(default=5, ge=1, le=20)
 
 
-class _ProviderSpec(_Model):
+class ProviderSpec(_Model):
     provider: Literal["offline", "openai", "gemini"] = "offline"
     model: str = Field(min_length=1)
     api_key_env: str | None = Field(
@@ -158,7 +158,7 @@ class _ProviderSpec(_Model):
         return {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}.get(self.provider)
 
 
-class EmbeddingSpec(_ProviderSpec):
+class EmbeddingSpec(ProviderSpec):
     model: str = "offline-hash-v1"
     column: Identifier = "embedding"
     dimension: int = Field(gt=0, le=16000)
@@ -169,7 +169,7 @@ class EmbeddingSpec(_ProviderSpec):
     task_type: str | None = None
 
 
-class EnrichmentSpec(_ProviderSpec):
+class EnrichmentSpec(ProviderSpec):
     enabled: bool = False
     expected_output_tokens: int = Field(default=200, gt=0, description="Reserved per request in the budget.")
     model: str = "offline-rules-v1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from .cache import NullCache, RedisCache, ResultCache, StoreCache
-from .config import DatasetConfig, EnvRef, _ProviderSpec
+from .config import DatasetConfig, EnvRef, ProviderSpec
 from .engine import CallPolicy
 from .ratelimit import BudgetBackend, LocalBudget, RateLimiter, RedisBudget, StoreBudget
 from .stores import Store
@@ -19,14 +19,14 @@ def _url(value: str | EnvRef | None) -> str:
     return value or ""
 
 
-def budget_key(spec: _ProviderSpec) -> str:
+def budget_key(spec: ProviderSpec) -> str:
     """Budgets belong to a provider account and model; the base URL tells accounts' servers apart."""
     where = hashlib.sha256((spec.base_url or "").encode()).hexdigest()[:8]
     return f"{spec.provider}:{spec.model}:{where}"
 
 
 def build_policy(
-    dataset: DatasetConfig, spec: _ProviderSpec, store: Store, expected_output_tokens: int = 0
+    dataset: DatasetConfig, spec: ProviderSpec, store: Store, expected_output_tokens: int = 0
 ) -> CallPolicy:
     limiter_spec = dataset.rate_limiter
     backend: BudgetBackend

@@ -4,9 +4,11 @@ Behaviour (tables, columns, models, limits) lives in the config file; secrets on
 ``dg.EnvVar``, so the Dagster UI shows the variable's name and never its value.
 """
 
+import os
+
 import dagster as dg
 
-from .config import DatasetConfig, EnvRef, _ProviderSpec
+from .config import DatasetConfig, EnvRef, ProviderSpec
 from .providers import build_embedding_provider, build_enrichment_provider
 from .providers.base import EmbeddingProvider, EnrichmentProvider
 from .stores import Store, open_store
@@ -31,15 +33,13 @@ class ProviderKeyResource(dg.ConfigurableResource):
 def database_resource(dataset: DatasetConfig) -> DatabaseResource:
     url = dataset.database_url
     if isinstance(url, EnvRef):
-        import os
-
         if os.environ.get(url.env) or url.default is None:
             return DatabaseResource(url=dg.EnvVar(url.env))
         return DatabaseResource(url=url.default)
     return DatabaseResource(url=url)
 
 
-def provider_key_resource(spec: _ProviderSpec) -> ProviderKeyResource:
+def provider_key_resource(spec: ProviderSpec) -> ProviderKeyResource:
     env = spec.resolved_api_key_env
     if spec.provider == "offline" or env is None:
         return ProviderKeyResource(base_url=spec.base_url)
