@@ -20,6 +20,7 @@ from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_def_for, register_partitions
 from .plan import plan_dataset
+from .providers import warm_up
 from .stores import StoreError, open_store
 from .stores.sqlite import sqlite_path
 
@@ -186,6 +187,11 @@ def materialize_partitions(
         results = (_run_partition(config_path, name, k, force, limit) for k in keys)
     else:
         _dagster_home()  # for the workers; each opens its own instance after the fork
+        # built once here, inherited by the forked workers instead of being built again by each of them
+        _job_cache(config_path, name)
+        dataset = load_config(config_path).datasets[name]
+        warm_up(dataset.embedding)
+        warm_up(dataset.enrichment)
         # fork where available: the workers start with Dagster already imported (seconds saved per worker)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         pool = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context(method))

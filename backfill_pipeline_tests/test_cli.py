@@ -160,3 +160,22 @@ def test_interactive_materialize_shows_the_plan_and_asks(tmp_path: Path) -> None
 
     accepted = _at_terminal([cli, "materialize"], "yes", env, tmp_path)
     assert "rows written" in accepted and query(db, nulls)[0][0] == 0
+
+
+def test_materialize_in_parallel_worker_processes(tmp_path: Path) -> None:
+    db = tmp_path / "demo.sqlite"
+    config = write_config(tmp_path, demo_config_dict(db, width=50))
+    env = {"BACKFILL_CONFIG": str(config), "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    cli = str(BIN / "backfill-pipeline")
+    assert run([cli, "create-demo-db", "--rows", "200", "--path", str(db)], tmp_path, **env).returncode == 0
+    assert "5 partitions" in run([cli, "register"], tmp_path, **env).stdout
+    done = run([cli, "materialize", "--parallel", "3"], tmp_path, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "rows written" in line]
+    assert len(lines) == 5 and all(": ok," in line for line in lines)
+    assert len({line.split("(run ")[1] for line in lines}) == 5  # one Dagster run per partition
+    left = query(
+        db, "SELECT count(*) FROM job_postings WHERE description != '' AND (embedding IS NULL OR summary IS NULL)"
+    )
+    assert left[0][0] == 0

@@ -220,6 +220,11 @@ def main() -> None:
             f"  ceiling: the slowest model bounds the run at {bound * 60:.1f}s = {ceiling:.1f} rows/s; "
             f"reached {args.rows / seconds:.1f} rows/s = {args.rows / seconds / ceiling:.1%} of the ceiling"
         )
+        chat_times = [at for at, route, _, _ in server.stats.accepted_at if at >= launched and route == "chat"]
+        print(
+            f"  timeline: first chat request {min(chat_times) - launched:.1f}s after launch (start-up), last "
+            f"{max(chat_times) - launched:.1f}s; the run ended at {seconds:.1f}s"
+        )
         new = {k: v - statuses_before.get(k, 0) for k, v in server.stats.statuses.items()}
         total = sum(n for (route, _), n in new.items() if route in ("chat", "embeddings"))
         limited = sum(n for (route, status), n in new.items() if status == 429)

@@ -36,4 +36,12 @@ def build_enrichment_provider(spec: EnrichmentSpec, api_key: str | None = None) 
     raise ConfigError(f"unknown enrichment provider {spec.provider!r}")
 
 
-__all__ = ["build_embedding_provider", "build_enrichment_provider"]
+def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
+    """Load what a provider builds once per process (the tokenizer), e.g. before forking workers."""
+    if spec.provider == "openai":
+        from .openai_provider import _encoding
+
+        _encoding(spec.model)
+
+
+__all__ = ["build_embedding_provider", "build_enrichment_provider", "warm_up"]
