@@ -168,6 +168,22 @@ def _batches(indices: Sequence[int], tokens: Sequence[int], max_inputs: int, max
     return batches
 
 
+def _fail_batch(
+    batch: list[int],
+    groups: dict[str, list[int]],
+    keys: Sequence[str],
+    exc: BaseException,
+    failures: list[RowFailure],
+    tracker: _Progress,
+) -> None:
+    """Record ``exc`` for every row a failed request stood for (identical texts share a request)."""
+    attempts = getattr(exc, "attempts", 1)
+    for i in batch:
+        members = groups[keys[i]]
+        failures.extend(RowFailure(m, error_class(exc), _message(exc), attempts) for m in members)
+        tracker.add(len(members))
+
+
 def _unique(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i in wanted:
@@ -230,10 +246,7 @@ async def embed_texts(
                 half = len(batch) // 2
                 await asyncio.gather(run(batch[:half]), run(batch[half:]))
                 return
-            for i in batch:
-                for member in groups[keys[i]]:
-                    failures.append(RowFailure(member, error_class(exc), _message(exc), getattr(exc, "attempts", 1)))
-                tracker.add(len(groups[keys[i]]))
+            _fail_batch(batch, groups, keys, exc, failures, tracker)
             return
         finite = np.isfinite(result).all(axis=1)
         fresh: dict[str, bytes] = {}
@@ -310,10 +323,7 @@ async def enrich_texts(
         except FatalProviderError:
             raise
         except Exception as exc:  # noqa: BLE001
-            for i in batch:
-                for member in groups[keys[i]]:
-                    failures.append(RowFailure(member, error_class(exc), _message(exc), getattr(exc, "attempts", 1)))
-                tracker.add(len(groups[keys[i]]))
+            _fail_batch(batch, groups, keys, exc, failures, tracker)
             return
         fresh: dict[str, bytes] = {}
         for i, answer in zip(batch, answers, strict=True):
