@@ -25,7 +25,7 @@ install-test: $(VENV)/.installed-test
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.local.yaml $@
+	cp dagster.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/backfill-pipeline demo

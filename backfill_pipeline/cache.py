@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .stores.base import Ledger
+
 SCHEMA_VERSION = "v1"  # bump when the enrichment schema changes, so old answers are not reused
 
 
@@ -20,6 +22,8 @@ class ResultCache(Protocol):
     async def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
 
     async def put_many(self, items: dict[str, bytes]) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 def _digest(*parts: object) -> str:
@@ -57,33 +61,40 @@ class NullCache:
     async def put_many(self, items: dict[str, bytes]) -> None:
         return None
 
+    async def aclose(self) -> None:
+        return None
+
 
 class StoreCache:
     """The cache table of the target database (``backfill_cache``)."""
 
-    def __init__(self, store, ttl_days: float) -> None:  # noqa: ANN001 - a Store
-        self.store, self.ttl_days = store, ttl_days
+    def __init__(self, ledger: Ledger, ttl_days: float) -> None:
+        self.ledger, self.ttl_days = ledger, ttl_days
 
     async def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        return await asyncio.to_thread(self.store.cache_get, keys, self.ttl_days)
+        return await asyncio.to_thread(self.ledger.cache_get, keys, self.ttl_days)
 
     async def put_many(self, items: dict[str, bytes]) -> None:
-        await asyncio.to_thread(self.store.cache_put, items)
+        await asyncio.to_thread(self.ledger.cache_put, items)
+
+    async def aclose(self) -> None:
+        return None
 
 
 class RedisCache:
     """Redis, each entry with a time to live (30 days by default)."""
 
-    def __init__(self, url: str, ttl_days: float) -> None:
+    def __init__(self, url: str, ttl_days: float, key_prefix: str = "backfill:") -> None:
         import redis.asyncio as aioredis
 
         self._client = aioredis.Redis.from_url(url)
         self.ttl_seconds = int(ttl_days * 86400)
+        self.prefix = key_prefix
 
     async def get_many(self, keys: list[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        values = await self._client.mget([f"backfill:{k}" for k in keys])
+        values = await self._client.mget([self.prefix + k for k in keys])
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
     async def put_many(self, items: dict[str, bytes]) -> None:
@@ -91,7 +102,7 @@ class RedisCache:
             return
         async with self._client.pipeline(transaction=False) as pipe:
             for key, value in items.items():
-                pipe.set(f"backfill:{key}", value, ex=self.ttl_seconds)
+                pipe.set(self.prefix + key, value, ex=self.ttl_seconds)
             await pipe.execute()
 
     async def aclose(self) -> None:

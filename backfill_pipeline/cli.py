@@ -15,14 +15,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .config import BackfillConfig, ConfigError, DatasetConfig, load_config
+from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
 from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_def_for, register_partitions
 from .plan import plan_dataset
 from .providers import warm_up
 from .stores import StoreError, open_store
-from .stores.sqlite import sqlite_path
+from .stores.sqlite_rows import sqlite_path
 
 
 def _dagster_home() -> Path:
@@ -72,8 +72,8 @@ def _coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool) -> lis
     total = Coverage()
     with open_store(name, dataset) as store:
         store.check_schema()
-        for key, _ in partition_activity(store, dataset):
-            cov = partition_coverage(store, dataset, partition_spec(key, dataset, store))
+        for key, _ in partition_activity(store.rows, dataset):
+            cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
             total.add(cov)
             if by_partition:
                 rows.append(_coverage_row(name, key, cov))
@@ -122,7 +122,7 @@ def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, l
     registered = {}
     for name, dataset in _datasets(config, only).items():
         with open_store(name, dataset) as store:
-            keys = [k for k, _ in partition_activity(store, dataset)]
+            keys = [k for k, _ in partition_activity(store.rows, dataset)]
         added = register_partitions(instance, name, keys)
         registered[name] = keys
         print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
@@ -162,9 +162,9 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
 
 @functools.cache
 def _job_cache(config_path: str | None, name: str):  # noqa: ANN202 - a JobDefinition
-    from .definitions import build_definitions, job_name
+    from .lib import backfill_definitions, job_name
 
-    return build_definitions(load_config(config_path)).resolve_job_def(job_name(name))
+    return backfill_definitions(load_config(config_path)).resolve_job_def(job_name(name))
 
 
 def materialize_partitions(
@@ -252,7 +252,7 @@ def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
     for name, dataset in _datasets(config, args.dataset).items():
         with open_store(name, dataset) as store:
             store.check_schema()
-            for f in store.failures(args.limit):
+            for f in store.ledger.failures(args.limit):
                 rows.append(
                     [
                         name,
@@ -275,7 +275,7 @@ def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
 def cmd_requeue(config: BackfillConfig, args: argparse.Namespace) -> int:
     for name, dataset in _datasets(config, args.dataset).items():
         with open_store(name, dataset) as store:
-            n = store.requeue_failures(args.ids or None)
+            n = store.ledger.requeue_failures(args.ids or None)
         print(f"{name}: {n} failed rows re-queued; the next run of their partition retries them")
     return 0
 
@@ -287,7 +287,7 @@ def set_pool_limits(instance, limits: dict[str, int]) -> None:
 
 
 def cmd_pools(config: BackfillConfig, args: argparse.Namespace) -> int:
-    from .assets import EMBEDDING_POOL, ENRICHMENT_POOL
+    from .lib.assets import EMBEDDING_POOL, ENRICHMENT_POOL
 
     instance = _instance()
     set_pool_limits(instance, {EMBEDDING_POOL: args.embedding, ENRICHMENT_POOL: args.llm})
@@ -303,7 +303,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     name = "jobs"
     dataset = config.datasets.get(name)
     if dataset is None or not dataset.database_url_value().startswith("sqlite"):
-        raise ConfigError("`demo` runs on the built-in demo config; unset BACKFILL_CONFIG")
+        raise ConfigError("`demo` runs on the built-in demo config (or one like it, with a SQLite `jobs` dataset)")
     path = sqlite_path(dataset.database_url_value())
     if args.fresh or not path.exists():
         create_demo_database(path, rows=args.rows, seed=args.seed)
@@ -321,7 +321,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     )
     print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
     started = time.monotonic()
-    ok = materialize_partitions(args.config, name, keys)
+    ok = materialize_partitions(args.config or str(demo_config_path()), name, keys)
     seconds = time.monotonic() - started
     print("\ncoverage after:")
     rows = _coverage_rows(name, dataset, by_partition=False)
@@ -337,7 +337,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backfill-pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="config file (default: $BACKFILL_CONFIG, else the built-in demo)")
+    parser.add_argument("--config", help="config file (default: $BACKFILL_CONFIG; `demo` uses the built-in demo)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help: str, dataset: bool = True) -> argparse.ArgumentParser:
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        demo = args.fn in (cmd_demo, cmd_create_demo_db)
+        config = load_config(args.config or (demo_config_path() if demo else None))
         return args.fn(config, args)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,8 +40,8 @@ class Coverage:
 
 
 def partition_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec) -> Coverage:
-    raw = store.read_partition(part)
+    raw = store.rows.read_partition(part, dataset.read_batch_size)
     ids = raw.column("id").to_pylist()
-    cooling = store.cooling_down_ids(ids, dataset.failure_cooldown_hours) if ids else set()
+    cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
     detected = detect(raw, dataset, cooling_ids=cooling)
     return Coverage(rows=raw.num_rows, reasons=Counter(reason_counts(detected)))

@@ -11,14 +11,18 @@ import re
 import dagster as dg
 
 from .config import DatasetConfig
-from .stores import PartitionSpec, SchemaError, Store
+from .stores import PartitionSpec, RowStore, SchemaError
 
 KEY_DIGITS = 10
 _RANGE_KEY = re.compile(r"^(\d+)-(\d+)$")
 
 
+def partitions_name(name: str) -> str:
+    return f"{name}_partitions"
+
+
 def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
-    return dg.DynamicPartitionsDefinition(name=f"{name}_partitions")
+    return dg.DynamicPartitionsDefinition(name=partitions_name(name))
 
 
 def range_key(bucket: int, width: int) -> str:
@@ -31,7 +35,7 @@ def slugify(value: str) -> str:
     return slug[:120] or "archive"
 
 
-def partition_spec(key: str, dataset: DatasetConfig, store: Store | None = None) -> PartitionSpec:
+def partition_spec(key: str, dataset: DatasetConfig, store: RowStore | None = None) -> PartitionSpec:
     """What ``key`` selects; archive keys are resolved against the store's archive values."""
     if dataset.partitioning.kind == "id_range":
         match = _RANGE_KEY.match(key)
@@ -48,7 +52,7 @@ def partition_spec(key: str, dataset: DatasetConfig, store: Store | None = None)
     return PartitionSpec(key=key, archive=values[0])
 
 
-def partition_activity(store: Store, dataset: DatasetConfig, after_id: int | None = None) -> list[tuple[str, int]]:
+def partition_activity(store: RowStore, dataset: DatasetConfig, after_id: int | None = None) -> list[tuple[str, int]]:
     """``(partition key, max id)`` of each partition holding rows with id > ``after_id``, in key order."""
     if dataset.partitioning.kind == "id_range":
         width = dataset.partitioning.width
@@ -64,8 +68,9 @@ def partition_activity(store: Store, dataset: DatasetConfig, after_id: int | Non
 
 def register_partitions(instance: dg.DagsterInstance, name: str, keys: list[str]) -> list[str]:
     """Add the keys not yet registered, in the given (ascending) order; return those added."""
-    existing = set(instance.get_dynamic_partitions(partitions_def_for(name).name))
+    partitions = partitions_name(name)
+    existing = set(instance.get_dynamic_partitions(partitions))
     new = [k for k in keys if k not in existing]
     if new:
-        instance.add_dynamic_partitions(partitions_def_for(name).name, new)
+        instance.add_dynamic_partitions(partitions, new)
     return new

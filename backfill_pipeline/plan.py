@@ -97,9 +97,9 @@ def plan_dataset(name: str, dataset: DatasetConfig, *, force: bool = False, keys
     plan = Plan(name, dataset)
     with open_store(name, dataset) as store:
         store.check_schema()
-        for key in keys if keys is not None else [k for k, _ in partition_activity(store, dataset)]:
-            raw = store.read_partition(partition_spec(key, dataset, store))
-            cooling = store.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
+        for key in keys if keys is not None else [k for k, _ in partition_activity(store.rows, dataset)]:
+            raw = store.rows.read_partition(partition_spec(key, dataset, store.rows), dataset.read_batch_size)
+            cooling = store.ledger.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
             detected = detect(raw, dataset, force=force, cooling_ids=cooling)
             plan.reasons.update(detected.column("reason").to_pylist())
             for text, emb, enr in zip(

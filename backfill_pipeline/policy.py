@@ -8,7 +8,7 @@ from .cache import NullCache, RedisCache, ResultCache, StoreCache
 from .config import DatasetConfig, EnvRef, ProviderSpec
 from .engine import CallPolicy
 from .ratelimit import BudgetBackend, LocalBudget, RateLimiter, RedisBudget, StoreBudget
-from .stores import Store
+from .stores import Ledger
 
 _LOCAL_BUDGET = LocalBudget()  # one per process, for the 'local' backend
 
@@ -26,21 +26,21 @@ def budget_key(spec: ProviderSpec) -> str:
 
 
 def build_policy(
-    dataset: DatasetConfig, spec: ProviderSpec, store: Store, expected_output_tokens: int = 0
+    dataset: DatasetConfig, spec: ProviderSpec, ledger: Ledger, expected_output_tokens: int = 0
 ) -> CallPolicy:
     limiter_spec = dataset.rate_limiter
     backend: BudgetBackend
     if limiter_spec.backend == "redis":
         backend = RedisBudget(_url(limiter_spec.redis_url))
     elif limiter_spec.backend == "database":
-        backend = StoreBudget(store)
+        backend = StoreBudget(ledger)
     else:
         backend = _LOCAL_BUDGET
     cache: ResultCache
     if dataset.cache.backend == "redis":
-        cache = RedisCache(_url(dataset.cache.redis_url), dataset.cache.ttl_days)
+        cache = RedisCache(_url(dataset.cache.redis_url), dataset.cache.ttl_days, dataset.cache.key_prefix)
     elif dataset.cache.backend == "database":
-        cache = StoreCache(store, dataset.cache.ttl_days)
+        cache = StoreCache(ledger, dataset.cache.ttl_days)
     else:
         cache = NullCache()
     if spec.provider == "offline":

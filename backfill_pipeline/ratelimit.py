@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import RateLimitSpec
+from .stores.base import Ledger
 
 
 class BudgetBackend(Protocol):
@@ -45,11 +46,11 @@ class LocalBudget:
 class StoreBudget:
     """The budget in the target database (``backfill_rate_limits``), shared by every process using it."""
 
-    def __init__(self, store) -> None:  # noqa: ANN001 - a Store
-        self.store = store
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
 
     def reserve(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
-        return self.store.reserve_budget(key, request_seconds, token_seconds, burst_seconds)
+        return self.ledger.reserve_budget(key, request_seconds, token_seconds, burst_seconds)
 
 
 _RESERVE_LUA = """

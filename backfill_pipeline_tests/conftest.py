@@ -20,7 +20,7 @@ SHARED = REPO.parent / "shared"
 
 def demo_config_dict(db_path: Path, width: int = 100) -> dict:
     """The built-in demo config, pointed at ``db_path`` with partitions of ``width`` ids."""
-    base = yaml.safe_load((REPO / "backfill_pipeline" / "demo_config.yaml").read_text())
+    base = yaml.safe_load((REPO / "backfill_pipeline" / "config" / "demo_config.yaml").read_text())
     jobs = base["datasets"]["jobs"]
     jobs["database_url"] = f"sqlite:///{db_path}"
     jobs["partitioning"]["width"] = width

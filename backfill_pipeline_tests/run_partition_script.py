@@ -12,13 +12,13 @@ import time
 import dagster as dg
 
 from backfill_pipeline.config import load_config
-from backfill_pipeline.definitions import build_definitions, job_name
+from backfill_pipeline.lib import backfill_definitions, job_name
 
 
 def main() -> None:
     name, key = sys.argv[1], sys.argv[2]
     start_at = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    job = build_definitions(load_config()).resolve_job_def(job_name(name))
+    job = backfill_definitions(load_config()).resolve_job_def(job_name(name))
     instance = dg.DagsterInstance.get()
     while time.time() < start_at:  # both processes start together
         time.sleep(0.002)

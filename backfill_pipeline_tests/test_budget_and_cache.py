@@ -17,8 +17,8 @@ from backfill_pipeline.stores import open_store
 from .pg import unavailable
 
 
-def _pacing(backend) -> list[float]:
-    key = f"test:{uuid.uuid4().hex}"
+def _pacing(backend, key: str | None = None) -> list[float]:
+    key = key or f"test:{uuid.uuid4().hex}"
     # 10 requests of 0.1 s each against a 0.2 s burst: the first fit, then each waits 0.1 s longer
     return [backend.reserve(key, 0.1, 0.0, 0.2) for _ in range(6)]
 
@@ -81,19 +81,25 @@ def test_local_budget_paces() -> None:
 
 
 def test_sqlite_budget_paces(sqlite_store) -> None:
-    _assert_paced(_pacing(StoreBudget(sqlite_store)))
+    _assert_paced(_pacing(StoreBudget(sqlite_store.ledger)))
 
 
 def test_postgres_budget_paces(pg_store) -> None:
-    _assert_paced(_pacing(StoreBudget(pg_store)))
+    _assert_paced(_pacing(StoreBudget(pg_store.ledger)))
 
 
 def test_redis_budget_paces(redis_url) -> None:
-    _assert_paced(_pacing(RedisBudget(redis_url)))
+    import redis
+
+    key = f"test:{uuid.uuid4().hex}"
+    try:
+        _assert_paced(_pacing(RedisBudget(redis_url), key))
+    finally:
+        redis.Redis.from_url(redis_url).delete(f"backfill:budget:{key}")
 
 
 def test_token_budget_counts_tokens(pg_store) -> None:
-    backend = StoreBudget(pg_store)
+    backend = StoreBudget(pg_store.ledger)
     key = f"tokens:{uuid.uuid4().hex}"
     first = backend.reserve(key, 0.0, 1.0, 0.5)  # a request worth one second of the token budget
     second = backend.reserve(key, 0.0, 1.0, 0.5)
@@ -105,24 +111,24 @@ def test_database_cache_round_trip_and_age(kind, request) -> None:
     store = request.getfixturevalue("sqlite_store" if kind == "sqlite" else "pg_store")
     vector = np.arange(4, dtype=np.float32) / 7
     key = embedding_key("openai", "text-embedding-3-small", 4, f"text {uuid.uuid4()}")
-    cache = StoreCache(store, ttl_days=30)
+    cache = StoreCache(store.ledger, ttl_days=30)
     asyncio.run(cache.put_many({key: encode_vector(vector)}))
     found = asyncio.run(cache.get_many([key, "emb:absent"]))
     assert list(found) == [key]
     np.testing.assert_array_equal(decode_vector(found[key]), vector)
-    assert asyncio.run(StoreCache(store, ttl_days=1e-9).get_many([key])) == {}  # older than the TTL
+    assert asyncio.run(StoreCache(store.ledger, ttl_days=1e-9).get_many([key])) == {}  # older than the TTL
 
 
 def test_redis_cache_round_trip(redis_url) -> None:
     key = f"test:{uuid.uuid4().hex}"
 
     async def go():
-        cache = RedisCache(redis_url, ttl_days=30)
+        cache = RedisCache(redis_url, ttl_days=30, key_prefix=f"test-{uuid.uuid4().hex}:")
         try:
             await cache.put_many({key: b"paid"})
-            return await cache.get_many([key, key + "-absent"]), await cache._client.ttl(f"backfill:{key}")
+            return await cache.get_many([key, key + "-absent"]), await cache._client.ttl(cache.prefix + key)
         finally:
-            await cache._client.delete(f"backfill:{key}")
+            await cache._client.delete(cache.prefix + key)
             await cache.aclose()
 
     found, ttl = asyncio.run(go())

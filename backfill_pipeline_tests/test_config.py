@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from backfill_pipeline.config import ConfigError, load_config, parse_config
+from backfill_pipeline.config import ConfigError, demo_config_path, load_config, parse_config
 
 VALID = {
     "datasets": {
@@ -104,8 +104,24 @@ def test_yaml_errors_and_missing_file(tmp_path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def test_builtin_demo_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BACKFILL_CONFIG", raising=False)
-    config = load_config()
+def test_builtin_demo_config_loads_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(demo_config_path())
     assert config.datasets["jobs"].embedding.dimension == 768
     assert config.datasets["jobs"].enrichment.enabled
+    assert config.datasets["jobs"].store_kind == "sqlite"
+    monkeypatch.delenv("BACKFILL_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="^no backfill config: set BACKFILL_CONFIG") as raised:
+        load_config()
+    assert "\n" not in str(raised.value)
+
+
+def test_store_kind_comes_from_the_config_not_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    def kind(**extra: object) -> str:
+        data = {"database_url": {"env": "SOME_DB_URL"}, "table": "t", "text": {"columns": ["b"]}}
+        data["embedding"] = {"dimension": 4}
+        return parse_config({"datasets": {"d": {**data, **extra}}}).datasets["d"].store_kind
+
+    monkeypatch.setenv("SOME_DB_URL", "sqlite:///somewhere.db")  # never read for the kind
+    assert kind() == "postgres"
+    assert kind(database_kind="sqlite") == "sqlite"
+    assert kind(database_url={"env": "SOME_DB_URL", "default": "sqlite:///x.db"}) == "sqlite"

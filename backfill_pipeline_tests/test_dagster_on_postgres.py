@@ -9,9 +9,9 @@ import dagster as dg
 import pytest
 import yaml
 
-from backfill_pipeline.assets import EMBEDDING_POOL, ENRICHMENT_POOL
 from backfill_pipeline.cli import set_pool_limits
 from backfill_pipeline.config import load_config
+from backfill_pipeline.lib.assets import EMBEDDING_POOL, ENRICHMENT_POOL
 
 from .conftest import REPO
 from .graph_helpers import metadata, register, run_partition
@@ -23,7 +23,7 @@ def postgres_instance(tmp_path: Path, pg_server_url: str, monkeypatch: pytest.Mo
     url = create_database(pg_server_url)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", url.replace("postgresql://", "postgresql+psycopg2://", 1))
     instance = dg.DagsterInstance.from_config(str(home))
     yield instance
@@ -32,7 +32,7 @@ def postgres_instance(tmp_path: Path, pg_server_url: str, monkeypatch: pytest.Mo
 
 
 def test_production_yaml_settings(postgres_instance: dg.DagsterInstance) -> None:
-    settings = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    settings = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
     assert "default_limit" not in settings["concurrency"]["pools"]
     assert type(postgres_instance.run_storage).__name__ == "PostgresRunStorage"
     assert type(postgres_instance.event_log_storage).__name__ == "PostgresEventLogStorage"

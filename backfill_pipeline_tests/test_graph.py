@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from backfill_pipeline.config import load_config, parse_config
-from backfill_pipeline.definitions import build_definitions
 from backfill_pipeline.demo_data import render
 from backfill_pipeline.detection import classify_vectors
+from backfill_pipeline.lib import backfill_definitions
 from backfill_pipeline.rows import vector_array
 from backfill_pipeline.stores import StoreError, open_store
 from backfill_pipeline.text import content_hash
@@ -108,7 +108,7 @@ def test_retried_downstream_step_reuses_persisted_upstream(
 ) -> None:
     config = load_config(demo_config_path)
     key = register(config, "jobs", instance)[0]
-    defs = build_definitions(config)
+    defs = backfill_definitions(config)
     upstream = [
         defs.resolve_assets_def(dg.AssetKey(["jobs", a]))
         for a in ("raw_rows", "detected_placeholders", "llm_enrichment", "embeddings")
@@ -157,14 +157,14 @@ def test_missing_result_columns_is_a_clear_error_until_migrated(tmp_path: Path, 
     assert "docs.embedding" in str(info.value) and "backfill-pipeline migrate --dataset docs" in str(info.value)
     key = register(config, "docs", instance)[0]
     failed = (
-        build_definitions(config)
+        backfill_definitions(config)
         .resolve_job_def("docs_backfill_job")
         .execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
     )
     assert not failed.success
     assert query(db, "PRAGMA table_info(docs)")[-1][1] == "body"  # nothing added behind the user's back
 
-    job = build_definitions(config).resolve_job_def("docs_backfill_job")
+    job = backfill_definitions(config).resolve_job_def("docs_backfill_job")
     ok = job.execute_in_process(
         partition_key=key, instance=instance, run_config={"ops": {"docs__raw_rows": {"config": {"migrate": True}}}}
     )
@@ -224,7 +224,7 @@ def test_two_datasets_in_one_config(tmp_path: Path, instance, monkeypatch) -> No
     for name in config.datasets:
         with open_store(name, config.datasets[name]) as store:
             store.migrate()
-    defs = build_definitions(config)
+    defs = backfill_definitions(config)
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert {"sessions/raw_rows", "summaries/written_table"} <= keys and len(keys) == 10
     for name, expected in (("sessions", 33), ("summaries", 22)):

@@ -78,7 +78,7 @@ def shared_home(tmp_path: Path, pg_server_url: str):
     url = create_database(pg_server_url)
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     yield {"DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": url.replace("postgresql", "postgresql+psycopg2", 1)}
     drop_database(pg_server_url, url)
 
@@ -173,4 +173,4 @@ def test_server_stopped_mid_write_then_retry_completes(tmp_path: Path, monkeypat
 
 
 def test_production_yaml_is_valid_yaml() -> None:
-    assert yaml.safe_load((REPO / "dagster.yaml").read_text())["storage"]["postgres"]["postgres_url"]["env"]
+    assert yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())["storage"]["postgres"]["postgres_url"]["env"]

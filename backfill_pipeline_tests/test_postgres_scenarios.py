@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from backfill_pipeline.config import parse_config
-from backfill_pipeline.definitions import build_definitions
+from backfill_pipeline.lib import backfill_definitions
 from backfill_pipeline.stores import StoreError, open_store
 
-from .graph_helpers import materialized_assets, metadata, register, run_partition
+from .graph_helpers import materialized_assets, metadata, register, run_partition, sensor_tick
 
 PLACEHOLDER_384 = [round(0.414 + 0.001 * k, 3) for k in range(384)]
 
@@ -148,10 +148,9 @@ def test_documents_by_archive_with_vector_1536(pgvector_db: str) -> None:
         }
     )
     migrate(config)
-    defs = build_definitions(config)
+    defs = backfill_definitions(config)
     with dg.instance_for_test() as instance:
-        sensor = defs.resolve_sensor_def("documents_new_rows_sensor")
-        tick = sensor(dg.build_sensor_context(instance=instance))
+        tick = sensor_tick(defs, "documents_new_rows_sensor", instance)
         keys = list(tick.dynamic_partitions_requests[0].partition_keys)
         assert keys == ["gjeldende-sentrale-forskrifter-tar-bz2", "gjeldende-lover-tar-bz2"]
         instance.add_dynamic_partitions("documents_partitions", keys)
@@ -169,7 +168,7 @@ def test_documents_by_archive_with_vector_1536(pgvector_db: str) -> None:
             "INSERT INTO lovdata_documents (id, archive, title, content) VALUES (81, 'nye-lover.tar.bz2', "
             "'Ny lov', 'Helt ny lov.')",
         )
-        grown = sensor(dg.build_sensor_context(instance=instance, cursor=tick.cursor))
+        grown = sensor_tick(defs, "documents_new_rows_sensor", instance, tick.cursor)
         assert list(grown.dynamic_partitions_requests[0].partition_keys) == ["nye-lover-tar-bz2"]
         assert [r.partition_key for r in grown.run_requests] == ["nye-lover-tar-bz2"]
 
@@ -380,7 +379,7 @@ def test_dimension_that_does_not_fit_fails_before_any_provider_call(pgvector_db:
             store.check_schema()
     with dg.instance_for_test() as instance:
         key = register(config, "docs", instance)[0]
-        job = build_definitions(config).resolve_job_def("docs_backfill_job")
+        job = backfill_definitions(config).resolve_job_def("docs_backfill_job")
         result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
         assert not result.success
         assert materialized_assets(result) == set()  # raw_rows failed: no provider step ever ran

@@ -49,7 +49,7 @@ def production(tmp_path: Path, pg_server_url: str):
     data_db = create_database(pg_server_url)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     yield home, dagster_db, data_db
     drop_database(pg_server_url, dagster_db)
     drop_database(pg_server_url, data_db)

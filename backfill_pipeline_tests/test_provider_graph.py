@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 
 from backfill_pipeline.config import load_config
+from backfill_pipeline.lib import backfill_definitions
 from backfill_pipeline.stores import open_store
 
 from .conftest import REPO, demo_config_dict, query, subprocess_env, write_config
@@ -173,11 +174,7 @@ def test_missing_key_fails_the_step_clearly_without_calls(demo_db, tmp_path, mon
     _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
     monkeypatch.setenv("OPENAI_API_KEY", "")
     key = register(config, "jobs", instance)[0]
-    job = (
-        __import__("backfill_pipeline.definitions", fromlist=["x"])
-        .build_definitions(config)
-        .resolve_job_def("jobs_backfill_job")
-    )
+    job = backfill_definitions(config).resolve_job_def("jobs_backfill_job")
     with pytest.raises(Exception) as info:
         job.execute_in_process(partition_key=key, instance=instance)
     assert "no OpenAI API key" in str(info.value) or "OPENAI_API_KEY" in str(info.value)
@@ -272,6 +269,8 @@ def test_killed_partition_pays_at_most_in_flight_again(demo_db, tmp_path, monkey
 
 
 def test_redis_cache_with_ttl(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    """Hermetic: the cache keys carry this test's own prefix, so an empty Redis or one that another run
+    left keys in gives the same result, and every key made here is deleted."""
     import redis
 
     client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
@@ -279,35 +278,30 @@ def test_redis_cache_with_ttl(demo_db, tmp_path, monkeypatch, server, instance) 
         client.ping()
     except redis.ConnectionError:
         unavailable("no Redis on 127.0.0.1:6379")
-    data = provider_config(
-        demo_db, server, cache={"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "ttl_days": 30}
-    )
-    # a unique model name keeps this test's keys apart from any other run's
-    model = "text-embedding-3-small"
-    data["datasets"]["jobs"]["embedding"]["model"] = model
-    data["datasets"]["jobs"]["enrichment"]["model"] = "gpt-4o-mini"
-    _, config = setup(tmp_path, data, monkeypatch)
-    before_keys = set(client.keys("backfill:*"))
+    prefix = f"backfill-test-{uuid.uuid4().hex}:"
+    cache = {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "ttl_days": 30, "key_prefix": prefix}
+    _, config = setup(tmp_path, provider_config(demo_db, server, cache=cache), monkeypatch)
     key = register(config, "jobs", instance)[0]
-    run_partition(config, "jobs", key, instance)
-    new_keys = set(client.keys("backfill:*")) - before_keys
     try:
-        assert len(new_keys) >= metadata_rows(demo_db)
-        ttl = client.ttl(next(iter(new_keys)))
-        assert 29 * 86400 < ttl <= 30 * 86400
-        before = (server.count("chat"), server.count("embeddings"))
-        forced = run_partition(config, "jobs", key, instance, force=True)
-        assert (server.count("chat"), server.count("embeddings")) == before
-        assert metadata(forced, "embeddings")["provider_cache_hits"] > 0
+        first = run_partition(config, "jobs", key, instance, force=True)  # pays for every row with text
+        paid = {"chat": server.count("chat"), "embeddings": server.count("embeddings")}
+        keys = client.keys(f"{prefix}*")
+        embedded, enriched = metadata(first, "embeddings"), metadata(first, "llm_enrichment")
+        assert embedded["provider_cache_hits"] == 0 and paid["chat"] > 0 and paid["embeddings"] > 0
+        assert len(keys) == 2 * _distinct_texts(demo_db)  # one embedding and one enrichment per distinct text
+        assert 29 * 86400 < client.ttl(keys[0]) <= 30 * 86400
+
+        again = run_partition(config, "jobs", key, instance, force=True)  # everything is in the cache
+        assert {"chat": server.count("chat"), "embeddings": server.count("embeddings")} == paid
+        assert metadata(again, "embeddings")["provider_cache_hits"] == embedded["rows_embedded"]
+        assert metadata(again, "llm_enrichment")["provider_cache_hits"] == enriched["rows_enriched"]
     finally:
-        if new_keys:
-            client.delete(*new_keys)
-        _ = uuid
+        made = client.keys(f"{prefix}*")
+        if made:
+            client.delete(*made)
 
 
-def metadata_rows(db: Path) -> int:
-    return query(
-        db,
-        "SELECT count(*) FROM job_postings WHERE id < 100 AND description != '' "
-        "AND embedding_model = 'text-embedding-3-small'",
-    )[0][0]
+def _distinct_texts(db: Path) -> int:
+    """Distinct texts among the first partition's rows with text: identical texts are paid for once."""
+    sql = "SELECT DISTINCT title, company, description FROM job_postings WHERE id < 100 AND trim(description) != ''"
+    return len(query(db, sql))

@@ -9,19 +9,14 @@ from pathlib import Path
 import dagster as dg
 
 from backfill_pipeline.config import load_config, parse_config
-from backfill_pipeline.definitions import build_definitions
+from backfill_pipeline.lib import backfill_definitions
 from backfill_pipeline.stores import open_store
 
 from .conftest import demo_config_dict
-from .graph_helpers import register, run_partition
+from .graph_helpers import register, run_partition, schedule_tick, sensor_tick
 
 
-def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor)
-    return sensor(context), context
-
-
-def _apply(result: dg.SensorResult, instance: dg.DagsterInstance) -> None:
+def _apply(result, instance: dg.DagsterInstance) -> None:
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
@@ -38,21 +33,22 @@ def _add_rows(db: Path, ids: range) -> None:
 
 def test_sensor_registers_partitions_and_requests_runs_once(demo_db: Path, demo_config_path: Path, instance) -> None:
     config = load_config(demo_config_path)
-    sensor = build_definitions(config).resolve_sensor_def("jobs_new_rows_sensor")
+    defs = backfill_definitions(config)
+    sensor = "jobs_new_rows_sensor"
 
-    first, _ = _tick(sensor, instance, None)
+    first = sensor_tick(defs, sensor, instance, None)
     keys = ["0000000000-0000000099", "0000000100-0000000199", "0000000200-0000000299", "0000000300-0000000399"]
     assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [keys]
     assert [r.partition_key for r in first.run_requests] == keys  # unregistered partitions are news
     assert first.cursor == "300"
     _apply(first, instance)
 
-    same, _ = _tick(sensor, instance, first.cursor)
-    assert isinstance(same, dg.SkipReason)
+    same = sensor_tick(defs, sensor, instance, first.cursor)
+    assert not same.run_requests and "no rows with id > 300" in same.skip_message
 
     _add_rows(demo_db, range(301, 306))  # into the last partition
     _add_rows(demo_db, range(450, 452))  # a new partition
-    grown, _ = _tick(sensor, instance, first.cursor)
+    grown = sensor_tick(defs, sensor, instance, first.cursor)
     assert [list(r.partition_keys) for r in grown.dynamic_partitions_requests] == [["0000000400-0000000499"]]
     assert [(r.partition_key, r.run_key) for r in grown.run_requests] == [
         ("0000000300-0000000399", "jobs:0000000300-0000000399@305"),
@@ -63,7 +59,7 @@ def test_sensor_registers_partitions_and_requests_runs_once(demo_db: Path, demo_
     assert instance.get_dynamic_partitions("jobs_partitions") == [*keys, "0000000400-0000000499"]
 
     # the same state from an older cursor yields the same run keys: Dagster drops them as duplicates
-    again, _ = _tick(sensor, instance, first.cursor)
+    again = sensor_tick(defs, sensor, instance, first.cursor)
     assert [r.run_key for r in again.run_requests] == [r.run_key for r in grown.run_requests]
     assert not again.dynamic_partitions_requests
 
@@ -95,8 +91,9 @@ def test_sensor_on_archive_partitions(tmp_path: Path, instance) -> None:
             }
         }
     )
-    sensor = build_definitions(config).resolve_sensor_def("docs_new_rows_sensor")
-    first, _ = _tick(sensor, instance, None)
+    defs = backfill_definitions(config)
+    sensor = "docs_new_rows_sensor"
+    first = sensor_tick(defs, sensor, instance, None)
     assert list(first.dynamic_partitions_requests[0].partition_keys) == [
         "gjeldende-lover-tar-bz2",
         "forskrifter-2024-tar-bz2",
@@ -106,7 +103,7 @@ def test_sensor_on_archive_partitions(tmp_path: Path, instance) -> None:
     conn.execute("INSERT INTO documents (id, archive, content) VALUES (11, 'nye-lover.tar.bz2', 'Ny lov')")
     conn.commit()
     conn.close()
-    grown, _ = _tick(sensor, instance, first.cursor)
+    grown = sensor_tick(defs, sensor, instance, first.cursor)
     assert [r.partition_key for r in grown.run_requests] == ["nye-lover-tar-bz2"]
     _apply(grown, instance)
     with __import__("backfill_pipeline.stores", fromlist=["open_store"]).open_store(
@@ -130,19 +127,13 @@ def test_schedule_requests_partitions_needing_work_capped(demo_db: Path, tmp_pat
         store.migrate()
     keys = register(config, "jobs", instance)
     run_partition(config, "jobs", keys[3], instance)  # the newest partition is now up to date
-    defs = build_definitions(config)
-    schedule = defs.resolve_schedule_def("jobs_refresh_schedule")
-    assert schedule.cron_schedule == "0 */6 * * *"
-    context = dg.build_schedule_context(
-        instance=instance,
-        scheduled_execution_time=datetime(2026, 1, 1, 6),
-        repository_def=defs.get_repository_def(),
-    )
-    requests = schedule.evaluate_tick(context).run_requests
+    defs = backfill_definitions(config)
+    assert defs.resolve_schedule_def("jobs_refresh_schedule").cron_schedule == "0 */6 * * *"
+    requests = schedule_tick(defs, "jobs_refresh_schedule", instance, datetime(2026, 1, 1, 6)).run_requests
     assert [r.partition_key for r in requests] == [keys[2], keys[1]]  # newest first, capped at 2, skipping keys[3]
     assert all(int(r.tags["rows_pending"]) > 0 for r in requests)
 
     for key in keys[:3]:
         run_partition(config, "jobs", key, instance)
-    idle = schedule.evaluate_tick(context)
+    idle = schedule_tick(defs, "jobs_refresh_schedule", instance, datetime(2026, 1, 1, 6))
     assert not idle.run_requests and "up to date" in idle.skip_message

@@ -87,6 +87,7 @@ class ProviderError(Exception):
         if kind:
             self.kind = kind
         self.retry_after = retry_after
+        self.attempts = 1  # set by the engine when retries run out
 
 
 class _Provider:

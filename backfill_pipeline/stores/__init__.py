@@ -2,44 +2,96 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from ..config import DatasetConfig
 from .base import (
     ConnectionLostError,
     Failure,
+    Ledger,
     MissingColumnsError,
     PartitionSpec,
+    RowStore,
     SchemaError,
     Store,
     StoreError,
     WriteStats,
 )
+from .layout import TableLayout
+
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
 def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Store:
     """Open the dataset's store; ``url`` (from a resource) overrides the config's URL."""
     url = url or dataset.database_url_value()
+    layout = TableLayout.from_config(name, dataset)
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        from .sqlite import SQLiteStore
+        return _open_sqlite(layout, url)
+    if scheme in POSTGRES_SCHEMES:
+        return _open_postgres(layout, url, dataset.write_concurrency)
+    what = "an empty value" if not url else f"scheme {scheme!r}" if scheme else "a value with no scheme"
+    raise StoreError(
+        f"dataset '{name}': the database URL is {what}; expected sqlite:///path or postgresql://…"
+        + (f" (is {dataset.database_url.env} set?)" if not isinstance(dataset.database_url, str) else "")
+    )
 
-        return SQLiteStore(name, dataset, url)
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        from .postgres import PostgresStore
 
-        return PostgresStore(name, dataset, url)
-    raise StoreError(f"dataset '{name}': unsupported database URL scheme {scheme!r}")
+def _open_sqlite(layout: TableLayout, url: str) -> Store:
+    from .sqlite_ledger import SQLiteLedger
+    from .sqlite_rows import SQLiteRows, immediate, sqlite_path
+
+    path = sqlite_path(url)
+    if not path.exists():
+        raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist")
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=60000")
+    try:
+        rows = SQLiteRows(layout, conn, path)
+    except StoreError:
+        conn.close()
+        raise
+    return Store(rows, SQLiteLedger(layout.dataset, conn), conn.close, lambda: immediate(conn))
+
+
+def _open_postgres(layout: TableLayout, url: str, write_concurrency: int) -> Store:
+    from .postgres_catalog import connect, has_pgvector
+    from .postgres_ledger import PostgresLedger
+    from .postgres_rows import PostgresRows
+
+    url = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    conn = connect(url, layout.dataset)
+    rows = PostgresRows(layout, conn, url, has_pgvector(conn), write_concurrency)
+    ledger = PostgresLedger(layout.dataset, conn, url, layout.target.schema)
+
+    def close() -> None:
+        ledger.close()
+        conn.close()
+
+    @contextmanager
+    def transaction() -> Iterator[None]:
+        with conn.transaction():
+            yield
+
+    return Store(rows, ledger, close, transaction)
 
 
 __all__ = [
     "ConnectionLostError",
-    "SchemaError",
     "Failure",
+    "Ledger",
     "MissingColumnsError",
     "PartitionSpec",
+    "RowStore",
+    "SchemaError",
     "Store",
     "StoreError",
+    "TableLayout",
     "WriteStats",
     "open_store",
 ]

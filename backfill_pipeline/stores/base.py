@@ -1,7 +1,7 @@
-"""The store interface: everything the assets, sensor, schedule and CLI need from a database.
+"""The store interfaces: the dataset's rows, and the pipeline's own bookkeeping, behind one handle.
 
-A store is opened for one dataset. Identifiers from the config are always quoted as identifiers by the
-implementation; the dataset's ``row_filter`` is the only raw SQL, and is documented as trusted.
+A store is opened for one dataset. Identifiers are always quoted by the implementations; the dataset's
+``row_filter`` is the only raw SQL, and is documented as trusted.
 """
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from ..config import DatasetConfig
-from ..rows import enrichment_col, raw_schema
+from ..rows import raw_schema, vector_array
+from .layout import TableLayout
 
 FAILURES_TABLE = "backfill_failures"
 LEASES_TABLE = "backfill_leases"
@@ -74,38 +77,32 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Store(ABC):
-    """A dataset's table (and its results table, if separate) in one database."""
+def encode_skills(value: object) -> str | None:
+    """Skills as stored in a text/JSON column: a JSON array."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value), ensure_ascii=False)  # type: ignore[call-overload]
 
-    def __init__(self, name: str, dataset: DatasetConfig):
-        self.name = name
-        self.dataset = dataset
 
-    # -- lifecycle -------------------------------------------------------------------------------
-    def __enter__(self) -> Store:
-        return self
+class RowStore(ABC):
+    """The dataset's table (and its results table, if separate): reading rows, writing results."""
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __init__(self, layout: TableLayout):
+        self.layout = layout
 
-    @abstractmethod
-    def close(self) -> None: ...
-
-    # -- schema ----------------------------------------------------------------------------------
     @abstractmethod
     def missing_columns(self) -> list[str]:
-        """Result columns (and the failures table) that do not exist yet, as ``table.column``."""
+        """Result columns (or the results table) that do not exist yet, as ``table.column``."""
 
     @abstractmethod
-    def migrate(self) -> list[str]:
-        """Create what :meth:`missing_columns` reports; return what was added."""
+    def add_missing_columns(self) -> None:
+        """Create the results table or the result columns that :meth:`missing_columns` reports."""
 
-    def check_schema(self) -> None:
-        missing = self.missing_columns()
-        if missing:
-            raise MissingColumnsError(self.name, self.dataset.table, missing)
+    def check_columns(self) -> None:  # noqa: B027 - optional hook
+        """Types of existing columns that cannot hold what the pipeline writes; nothing to check by default."""
 
-    # -- partitions ------------------------------------------------------------------------------
     @abstractmethod
     def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
         """``(id // width, max id)`` for each id range holding rows (with id > ``after_id``), ascending."""
@@ -114,18 +111,29 @@ class Store(ABC):
     def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
         """``(archive value, max id)`` for each archive holding rows (with id > ``after_id``)."""
 
-    # -- rows ------------------------------------------------------------------------------------
     @abstractmethod
     def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
         """Stream the partition's rows in the raw-rows layout, ``batch_size`` rows at a time."""
 
-    def read_partition(self, part: PartitionSpec) -> pa.Table:
-        schema = self.raw_schema()
-        batches = list(self.read_batches(part, self.dataset.read_batch_size))
-        return pa.Table.from_batches(batches, schema=schema)
+    def read_partition(self, part: PartitionSpec, batch_size: int = 2_000) -> pa.Table:
+        return pa.Table.from_batches(list(self.read_batches(part, batch_size)), schema=self.raw_schema())
 
     def raw_schema(self) -> pa.Schema:
-        return raw_schema(self.dataset.text.fields, self.dataset.enrichment_columns)
+        return raw_schema(self.layout.text_fields, self.layout.enrichment_fields)
+
+    def vector_column(
+        self, ids: Sequence[object], values: Sequence[object], decode: Callable[[Any], np.ndarray | None]
+    ) -> pa.Array:
+        """The stored embeddings of a batch as a list<float32> column; a value that is no array is named."""
+        vectors = []
+        for row_id, value in zip(ids, values, strict=True):
+            try:
+                vectors.append(decode(value))
+            except ValueError as exc:
+                raise StoreError(
+                    f"dataset '{self.layout.dataset}', row id {row_id}, column {self.layout.embedding_column}: {exc}"
+                ) from None
+        return vector_array(vectors)
 
     @abstractmethod
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
@@ -134,6 +142,22 @@ class Store(ABC):
         ``results`` holds ``id`` and any of ``embedding`` (fixed-size list), ``content_hash``, ``model``,
         ``embedded_at``, ``enrichment:<field>`` and ``enriched_at``; a null leaves the stored value.
         """
+
+
+class Ledger(ABC):
+    """The pipeline's own tables: failures, partition leases, the paid-results cache, rate budgets.
+
+    Cache and budget methods are called from the engine's worker threads.
+    """
+
+    def __init__(self, dataset: str):
+        self.dataset = dataset
+
+    @abstractmethod
+    def missing_tables(self) -> list[str]: ...
+
+    @abstractmethod
+    def create_tables(self) -> None: ...
 
     # -- failures --------------------------------------------------------------------------------
     @abstractmethod
@@ -144,8 +168,15 @@ class Store(ABC):
     def clear_failures(self, row_ids: Sequence[object], stages: Sequence[str] | None = None) -> int: ...
 
     @abstractmethod
+    def failed_since(self, hours: float) -> set[str]:
+        """Row ids (as text) that failed less than ``hours`` ago and were not re-queued."""
+
     def cooling_down_ids(self, row_ids: Sequence[object], hours: float) -> set[object]:
         """Ids among ``row_ids`` that failed less than ``hours`` ago."""
+        if hours <= 0 or not row_ids:
+            return set()
+        failed = self.failed_since(hours)
+        return {i for i in row_ids if str(i) in failed}
 
     @abstractmethod
     def failures(self, limit: int = 100) -> list[dict]: ...
@@ -154,19 +185,7 @@ class Store(ABC):
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         """Make failed rows eligible at once (their cool-down ends now); return how many."""
 
-    # -- partition leases ------------------------------------------------------------------------
-    @abstractmethod
-    def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
-        """Atomically take the lease on ``key`` if free, already ours, or held by ``replace``."""
-
-    @abstractmethod
-    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
-        """The run holding the lease on ``key`` and since when, if any."""
-
-    @abstractmethod
-    def release_partition(self, key: str, run_id: str) -> None: ...
-
-    # -- paid-results cache and shared rate budgets (called from the engine's worker threads) -------
+    # -- paid-results cache and shared rate budgets ------------------------------------------------
     @abstractmethod
     def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]: ...
 
@@ -181,6 +200,18 @@ class Store(ABC):
         (requests, tokens); a reservation moves it forward by the request's cost in seconds of budget,
         and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now.
         """
+
+    # -- partition leases ------------------------------------------------------------------------
+    @abstractmethod
+    def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
+        """Atomically take the lease on ``key`` if free, already ours, or held by ``replace``."""
+
+    @abstractmethod
+    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+        """The run holding the lease on ``key`` and since when, if any."""
+
+    @abstractmethod
+    def release_partition(self, key: str, run_id: str) -> None: ...
 
     def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, datetime], bool]) -> str | None:
         """Claim the partition for ``run_id``; return ``None`` when claimed, else the live holder's run id.
@@ -203,24 +234,48 @@ class Store(ABC):
         return holder
 
 
-def encode_skills(value: object) -> str | None:
-    """Skills as stored in a text/JSON column: a JSON array."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return json.dumps(list(value), ensure_ascii=False)
+class Store:
+    """One open database of a dataset: its rows and the pipeline's ledger, sharing a connection."""
 
+    def __init__(
+        self,
+        rows: RowStore,
+        ledger: Ledger,
+        close: Callable[[], None],
+        transaction: Callable[[], AbstractContextManager[object]],
+    ):
+        self.rows = rows
+        self.ledger = ledger
+        self._close = close
+        self._transaction = transaction
 
-def result_column_mapping(d: DatasetConfig, results: pa.Table) -> dict[str, str]:
-    """Target column -> results column, for the result columns present in ``results``."""
-    candidates = {
-        d.embedding.column: "embedding",
-        d.bookkeeping.content_hash: "content_hash",
-        d.bookkeeping.model: "model",
-        d.bookkeeping.embedded_at: "embedded_at",
-        d.bookkeeping.enriched_at: "enriched_at",
-        **{col: enrichment_col(f) for f, col in d.enrichment_columns.items()},
-    }
-    present = set(results.column_names)
-    return {target: src for target, src in candidates.items() if src in present}
+    @property
+    def layout(self) -> TableLayout:
+        return self.rows.layout
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._close()
+
+    def missing_columns(self) -> list[str]:
+        return self.rows.missing_columns() + self.ledger.missing_tables()
+
+    def check_schema(self) -> None:
+        missing = self.missing_columns()
+        if missing:
+            raise MissingColumnsError(self.layout.dataset, str(self.layout.source), missing)
+        self.rows.check_columns()
+
+    def migrate(self) -> list[str]:
+        """Add what :meth:`missing_columns` reports; return what was added."""
+        added = self.missing_columns()
+        if added:
+            with self._transaction():  # all of it or nothing
+                self.rows.add_missing_columns()
+                self.ledger.create_tables()
+        return added

@@ -1,4 +1,4 @@
-"""The backfill config file: one YAML document declaring one or more datasets.
+"""The config's models: datasets, their tables, text, providers, limits and automation.
 
 Validated with pydantic when the code location loads, so a wrong key, type or value fails fast with one
 message that names the dataset and the key. Secrets (database passwords, API keys) are never read from
@@ -11,16 +11,10 @@ import os
 import re
 import string
 from functools import cached_property
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-CONFIG_ENV_VAR = "BACKFILL_CONFIG"
-DEMO_CONFIG_NAME = "demo_config.yaml"
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENRICHMENT_FIELDS = ("skills", "seniority", "summary")
 EnrichmentField = Literal["skills", "seniority", "summary"]
@@ -221,6 +215,9 @@ class CacheSpec(_Model):
     backend: Literal["database", "redis", "none"] = "database"
     redis_url: str | EnvRef | None = None
     ttl_days: float = Field(default=30.0, gt=0)
+    key_prefix: str = Field(
+        default="backfill:", min_length=1, description="Prefix of every Redis key, to share one Redis safely."
+    )
 
     @model_validator(mode="after")
     def _redis_url(self) -> CacheSpec:
@@ -252,6 +249,11 @@ class RetrySpec(_Model):
 
 class DatasetConfig(_Model):
     database_url: str | EnvRef
+    database_kind: Literal["sqlite", "postgres"] | None = Field(
+        default=None,
+        description="The kind of database behind an {env: VAR} URL, for the UI's kind tags; by default the "
+        "literal URL's (or the variable's default's) scheme, else postgres.",
+    )
     table: Identifier
     schema_name: Identifier | None = Field(default=None, alias="schema")
     id_column: Identifier = "id"
@@ -331,61 +333,17 @@ class DatasetConfig(_Model):
         return cols
 
     def database_url_value(self) -> str:
+        """The URL itself, read from the environment when the config names a variable (at run time only)."""
         return self.database_url if isinstance(self.database_url, str) else self.database_url.resolve()
+
+    @property
+    def store_kind(self) -> Literal["sqlite", "postgres"]:
+        """Which store the dataset uses, from the config alone (never from a secret's value)."""
+        if self.database_kind is not None:
+            return self.database_kind
+        url = self.database_url if isinstance(self.database_url, str) else self.database_url.default
+        return "sqlite" if url and urlsplit(url).scheme == "sqlite" else "postgres"
 
 
 class BackfillConfig(_Model):
     datasets: dict[DatasetName, DatasetConfig] = Field(min_length=1)
-
-
-def _location(loc: tuple) -> tuple[str | None, str]:
-    parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "datasets":
-        # pydantic inserts the union member's tag ("str", "EnvRef") into the path; it is not a key.
-        key = [p for p in parts[2:] if p not in ("str", "EnvRef")]
-        return parts[1], ".".join(key) or "(dataset)"
-    return None, ".".join(parts) or "(top level)"
-
-
-def _describe(error: dict) -> str:
-    dataset, key = _location(error["loc"])
-    msg = error["msg"].removeprefix("Value error, ")
-    if key == "[key]":
-        return f"dataset name '{dataset}': {msg} (lower case letters, digits and underscores)"
-    if error["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling and level)"
-    where = f"dataset '{dataset}', key '{key}'" if dataset else f"key '{key}'"
-    return f"{where}: {msg}"
-
-
-def parse_config(data: object, source: str = "<config>") -> BackfillConfig:
-    """Validate a loaded YAML document, turning pydantic's report into one readable message."""
-    try:
-        return BackfillConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = sorted({_describe(e) for e in exc.errors()})
-        raise ConfigError(f"invalid backfill config {source}:\n  " + "\n  ".join(lines)) from None
-
-
-def config_path() -> Path | None:
-    value = os.environ.get(CONFIG_ENV_VAR)
-    return Path(value) if value else None
-
-
-def load_config(path: Path | str | None = None) -> BackfillConfig:
-    """Load the config from ``path``, else ``$BACKFILL_CONFIG``, else the built-in demo config."""
-    path = Path(path) if path else config_path()
-    if path is None:
-        text = resources.files("backfill_pipeline").joinpath(DEMO_CONFIG_NAME).read_text()
-        source = "(built-in demo config)"
-    else:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read backfill config {path} (from ${CONFIG_ENV_VAR}): {exc}") from None
-        source = str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"backfill config {source} is not valid YAML: {exc}") from None
-    return parse_config(data, source)

@@ -1,0 +1,141 @@
+"""One provider request with its retries, the policy that paces and caches calls, and progress.
+
+Errors are handled by class (see :class:`ProviderError`): rate limits and transient errors are retried
+with backoff (Retry-After wins); everything else is returned to the stage, which records it for its rows.
+A fatal error (bad key, unknown model) stops the step at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from ..cache import NullCache, ResultCache
+from ..config import ProviderRetrySpec
+from ..providers.base import EmbeddingProvider, EnrichmentProvider, ProviderError
+from ..ratelimit import LocalBudget, RateLimiter, RateLimitSpec
+
+ProgressFn = Callable[[int, int], None]
+
+
+class FatalProviderError(RuntimeError):
+    """The provider refuses every request (bad key, unknown model): the step stops."""
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    index: int
+    error_class: str
+    message: str
+    attempts: int = 1
+
+
+@dataclass
+class CallPolicy:
+    """How calls are paced, retried and cached; the defaults suit tests and offline providers."""
+
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(LocalBudget(), "local", RateLimitSpec()))
+    cache: ResultCache = field(default_factory=NullCache)
+    retry: ProviderRetrySpec = field(default_factory=ProviderRetrySpec)
+    max_in_flight: int = 8
+    expected_output_tokens: int = 0
+
+
+def error_class(exc: BaseException) -> str:
+    if isinstance(exc, ProviderError):
+        return exc.kind
+    if isinstance(exc, ValidationError):
+        return "invalid_output"
+    return type(exc).__name__
+
+
+def error_message(exc: BaseException, limit: int = 1000) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Progress:
+    """Calls ``fn(done, total)`` at most every ``every`` rows or ``seconds`` seconds, and at the end."""
+
+    def __init__(self, total: int, fn: ProgressFn | None, every: int, seconds: float = 15.0):
+        self.total, self.fn, self.every, self.seconds = total, fn, max(every, 1), seconds
+        self.done = 0
+        self._last_rows = 0
+        self._last_time = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.fn is None:
+            return
+        now = time.monotonic()
+        if (
+            self.done == self.total
+            or self.done - self._last_rows >= self.every
+            or now - self._last_time >= self.seconds
+        ):
+            self._last_rows, self._last_time = self.done, now
+            self.fn(self.done, self.total)
+
+
+async def call_with_retries(
+    provider: EmbeddingProvider | EnrichmentProvider,
+    send: Callable[[], Awaitable],
+    *,
+    inputs: int,
+    tokens: int,
+    policy: CallPolicy,
+    gate: asyncio.Semaphore,
+) -> tuple[object, int]:
+    """One request with its retries; returns the answer and the number of attempts, or raises the last error."""
+    retry = policy.retry
+    for attempt in range(1, retry.max_attempts + 1):
+        async with gate:
+            await policy.limiter.acquire(tokens)
+            provider.usage.requests += 1
+            provider.usage.inputs += inputs
+            try:
+                answer = await send()
+            except ProviderError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - unexpected errors are treated as transient
+                error = ProviderError(f"{type(exc).__name__}: {exc}", "transient")
+            else:
+                policy.limiter.on_success(provider.last_signals, tokens)
+                return answer, attempt
+        if error.kind == "fatal":
+            raise FatalProviderError(f"{provider.name} {provider.model}: {error}") from None
+        if error.kind == "rate_limit":
+            provider.usage.rate_limited += 1
+            policy.limiter.on_rate_limited(error.retry_after)
+            delay = error.retry_after or retry.rate_limit_base_seconds * 2 ** (attempt - 1)
+        elif error.kind == "transient":
+            delay = retry.transient_base_seconds * 2 ** (attempt - 1)
+        else:
+            raise error
+        if attempt == retry.max_attempts:
+            error.attempts = attempt
+            raise error
+        provider.usage.retries += 1
+        await asyncio.sleep(delay * random.uniform(0.9, 1.25))  # jitter: processes do not retry in lockstep
+    raise AssertionError("unreachable")
+
+
+def batches(indices: Sequence[int], tokens: Sequence[int], max_inputs: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive groups of at most ``max_inputs`` indices and ``max_tokens`` tokens."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in indices:
+        if current and (len(current) >= max_inputs or (max_tokens is not None and used + tokens[i] > max_tokens)):
+            out.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += tokens[i]
+    if current:
+        out.append(current)
+    return out

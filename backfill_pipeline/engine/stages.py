@@ -1,0 +1,306 @@
+"""The one skeleton every stage runs (prepare, cache, dedupe, batch, gather), with small stage hooks.
+
+For each stage: texts are cut to the model's limit and counted; answers already paid for come from the
+cache; identical texts are sent once; the rest go in batches that respect the provider's input and token
+limits, many requests in flight, each one first reserving its share of the shared rate budget. Each
+answer is cached as soon as it arrives, so a crash pays again for at most the requests in flight. A
+stage says only how to key, send, read and keep its answers (as pgai's ``Embedder`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+from pydantic import ValidationError
+
+from ..cache import decode_answer, decode_vector, embedding_key, encode_answer, encode_vector, enrichment_key
+from ..providers.base import EmbeddingProvider, Enrichment, EnrichmentProvider, ProviderError
+from .calls import (
+    CallPolicy,
+    FatalProviderError,
+    Progress,
+    ProgressFn,
+    RowFailure,
+    batches,
+    call_with_retries,
+    error_class,
+    error_message,
+)
+
+R = TypeVar("R")  # one row's result: a vector, an enrichment
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A provider's answer for one row that cannot be used."""
+
+    error_class: str
+    message: str
+
+
+class Stage(ABC, Generic[R]):
+    """What differs between stages; :func:`run_stage` does the rest."""
+
+    provider: EmbeddingProvider | EnrichmentProvider
+    split_on: tuple[str, ...] = ()  # error classes for which a failed batch is halved to find the bad row
+    max_batch_tokens: int | None = None
+
+    @abstractmethod
+    def key(self, text: str) -> str:
+        """The cache key of a text as sent."""
+
+    @abstractmethod
+    def load(self, row: int, cached: bytes) -> bool:
+        """Keep a cached answer for ``row``; False when it is not usable (then it is paid for again)."""
+
+    @abstractmethod
+    async def send(self, texts: list[str]) -> object: ...
+
+    def reserve(self, tokens: int, rows: int) -> int:
+        """Tokens to reserve from the rate budget for a request of ``rows`` texts and ``tokens`` tokens."""
+        return tokens
+
+    @abstractmethod
+    def read(self, answer: object, rows: int) -> list[R | RowError]:
+        """One result per row; raise :class:`ProviderError` when the answer as a whole is unusable."""
+
+    @abstractmethod
+    def keep(self, rows: list[int], result: R) -> None: ...
+
+    @abstractmethod
+    def encode(self, result: R) -> bytes: ...
+
+
+def _unique(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i in wanted:
+        groups.setdefault(keys[i], []).append(i)
+    return groups
+
+
+async def run_stage(
+    stage: Stage[R],
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    policy: CallPolicy,
+    max_in_flight: int | None,
+    progress: ProgressFn | None,
+    progress_every: int,
+) -> list[RowFailure]:
+    """Run ``stage`` over ``texts``; return the failed rows (the results are kept by the stage)."""
+    provider = stage.provider
+    n = len(texts)
+    failures: list[RowFailure] = []
+    sent, tokens, truncated = provider.prepare(list(texts))
+    provider.usage.truncated_inputs += truncated
+    keys = [stage.key(t) for t in sent]
+    tracker = Progress(n, progress, progress_every)
+
+    cached = await policy.cache.get_many(sorted(set(keys)))
+    done = [key in cached and stage.load(i, cached[key]) for i, key in enumerate(keys)]
+    hits = sum(done)
+    provider.usage.cache_hits += hits
+    tracker.add(hits)
+    groups = _unique(keys, [i for i in range(n) if not done[i]])
+    leaders = [members[0] for members in groups.values()]  # identical texts are paid for once
+    gate = asyncio.Semaphore(max_in_flight or policy.max_in_flight)
+
+    def fail(members: list[int], error: str, message: str, attempts: int = 1) -> None:
+        failures.extend(RowFailure(m, error, message, attempts) for m in members)
+        tracker.add(len(members))
+
+    async def run(batch: list[int]) -> None:
+        try:
+            answer, _ = await call_with_retries(
+                provider,
+                lambda: stage.send([sent[i] for i in batch]),
+                inputs=len(batch),
+                tokens=stage.reserve(sum(tokens[i] for i in batch), len(batch)),
+                policy=policy,
+                gate=gate,
+            )
+            results = stage.read(answer, len(batch))
+        except FatalProviderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every other failure becomes a row failure
+            if len(batch) > 1 and error_class(exc) in stage.split_on:
+                half = len(batch) // 2
+                await asyncio.gather(run(batch[:half]), run(batch[half:]))
+                return
+            for i in batch:  # every row the request stood for (identical texts share a request)
+                fail(groups[keys[i]], error_class(exc), error_message(exc), getattr(exc, "attempts", 1))
+            return
+        fresh: dict[str, bytes] = {}
+        for i, result in zip(batch, results, strict=True):
+            members = groups[keys[i]]
+            if isinstance(result, RowError):
+                fail(members, result.error_class, result.message)
+                continue
+            stage.keep(members, result)
+            fresh[keys[i]] = stage.encode(result)
+            tracker.add(len(members))
+        await policy.cache.put_many(fresh)  # paid for: keep it before anything else can go wrong
+
+    size = min(batch_size, provider.max_batch_size)
+    await asyncio.gather(*(run(b) for b in batches(leaders, tokens, size, stage.max_batch_tokens)))
+    return sorted(failures, key=lambda f: f.index)
+
+
+# -- embeddings --------------------------------------------------------------------------------------
+@dataclass
+class EmbedOutcome:
+    vectors: np.ndarray
+    ok: np.ndarray
+    failures: list[RowFailure] = field(default_factory=list)
+
+
+class EmbeddingStage(Stage[np.ndarray]):
+    split_on = ("permanent", "invalid_output")  # a 400 for a whole batch: find the row at fault
+
+    def __init__(self, provider: EmbeddingProvider, rows: int):
+        self.provider = self.embedder = provider
+        self.max_batch_tokens = provider.max_batch_tokens
+        self.dim = provider.dimension
+        self.vectors = np.zeros((rows, self.dim), dtype=np.float32)
+        self.ok = np.zeros(rows, dtype=bool)
+
+    def key(self, text: str) -> str:
+        return embedding_key(self.provider.name, self.provider.model, self.dim, text)
+
+    def load(self, row: int, cached: bytes) -> bool:
+        vector = decode_vector(cached)
+        if vector.shape != (self.dim,):
+            return False
+        self.vectors[row], self.ok[row] = vector, True
+        return True
+
+    async def send(self, texts: list[str]) -> object:
+        return await self.embedder.embed(texts)
+
+    def read(self, answer: object, rows: int) -> list[np.ndarray | RowError]:
+        result = np.asarray(answer, dtype=np.float32)
+        if result.shape != (rows, self.dim):
+            raise ProviderError(
+                f"provider returned shape {result.shape}, expected {(rows, self.dim)}", "invalid_output"
+            )
+        finite = np.isfinite(result).all(axis=1)
+        return [
+            v if good else RowError("invalid_output", "provider returned non-finite values")
+            for v, good in zip(result, finite, strict=True)
+        ]
+
+    def keep(self, rows: list[int], result: np.ndarray) -> None:
+        self.vectors[rows], self.ok[rows] = result, True
+
+    def encode(self, result: np.ndarray) -> bytes:
+        return encode_vector(result)
+
+
+async def embed_texts(
+    provider: EmbeddingProvider,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    policy: CallPolicy | None = None,
+    max_in_flight: int | None = None,
+    progress: ProgressFn | None = None,
+    progress_every: int = 1000,
+) -> EmbedOutcome:
+    stage = EmbeddingStage(provider, len(texts))
+    failures = await run_stage(
+        stage,
+        texts,
+        batch_size=batch_size,
+        policy=policy or CallPolicy(),
+        max_in_flight=max_in_flight,
+        progress=progress,
+        progress_every=progress_every,
+    )
+    return EmbedOutcome(vectors=stage.vectors, ok=stage.ok, failures=failures)
+
+
+# -- enrichment --------------------------------------------------------------------------------------
+@dataclass
+class EnrichOutcome:
+    results: list[Enrichment | None]
+    failures: list[RowFailure] = field(default_factory=list)
+
+
+def _schema_error(exc: ValidationError) -> RowError:
+    details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors())
+    return RowError("invalid_output", f"answer violates the schema: {details}")
+
+
+class EnrichmentStage(Stage[Enrichment]):
+    def __init__(self, provider: EnrichmentProvider, rows: int, expected_output_tokens: int):
+        self.provider = self.enricher = provider
+        self.expected_output_tokens = expected_output_tokens
+        self.results: list[Enrichment | None] = [None] * rows
+
+    def key(self, text: str) -> str:
+        return enrichment_key(self.provider.name, self.provider.model, text)
+
+    def load(self, row: int, cached: bytes) -> bool:
+        try:
+            self.results[row] = Enrichment.model_validate(decode_answer(cached))
+        except (ValidationError, ValueError):
+            return False
+        return True
+
+    async def send(self, texts: list[str]) -> object:
+        return await self.enricher.enrich(texts)
+
+    def reserve(self, tokens: int, rows: int) -> int:
+        return tokens + self.expected_output_tokens * rows
+
+    def read(self, answer: object, rows: int) -> list[Enrichment | RowError]:
+        if not isinstance(answer, list) or len(answer) != rows:
+            size = len(answer) if isinstance(answer, list) else type(answer).__name__
+            raise ProviderError(f"provider answered {size} of {rows} rows", "invalid_output")
+        out: list[Enrichment | RowError] = []
+        for item in answer:
+            if isinstance(item, Exception):
+                out.append(RowError(error_class(item), error_message(item)))
+                continue
+            try:
+                out.append(Enrichment.model_validate(item))
+            except ValidationError as exc:
+                out.append(_schema_error(exc))
+        return out
+
+    def keep(self, rows: list[int], result: Enrichment) -> None:
+        for row in rows:
+            self.results[row] = result
+
+    def encode(self, result: Enrichment) -> bytes:
+        return encode_answer(result.model_dump())
+
+
+async def enrich_texts(
+    provider: EnrichmentProvider,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    policy: CallPolicy | None = None,
+    max_in_flight: int | None = None,
+    progress: ProgressFn | None = None,
+    progress_every: int = 200,
+) -> EnrichOutcome:
+    policy = policy or CallPolicy()
+    stage = EnrichmentStage(provider, len(texts), policy.expected_output_tokens)
+    failures = await run_stage(
+        stage,
+        texts,
+        batch_size=batch_size,
+        policy=policy,
+        max_in_flight=max_in_flight,
+        progress=progress,
+        progress_every=progress_every,
+    )
+    return EnrichOutcome(results=stage.results, failures=failures)

@@ -1,0 +1,221 @@
+"""The asset graph of one dataset, partition by partition:
+
+raw_rows -> detected_placeholders -> llm_enrichment -> embeddings -> written_table
+
+Every asset shares the dataset's partitions and retry policy; each is a thin wrapper over a plain
+function in :mod:`backfill_pipeline.steps`. Intermediate tables go through the Parquet IO manager, so a
+retried step reloads what upstream already computed and paid for.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import Field
+
+from .. import steps
+from ..config import ConfigError, DatasetConfig
+from ..engine import FatalProviderError
+from ..stores import SchemaError
+from ..stores.base import utc_now
+from .resources import DatasetResources, ResourceKeys
+
+IO_MANAGER_KEY = "parquet_io_manager"
+ASSET_NAMES = ("raw_rows", "detected_placeholders", "llm_enrichment", "embeddings", "written_table")
+EMBEDDING_POOL = "embedding_api"
+ENRICHMENT_POOL = "llm_api"
+LEASE_GRACE = timedelta(hours=1)
+
+
+class RawRowsConfig(dg.Config):
+    migrate: bool = Field(
+        default=False, description="Add missing result columns and the failures table before reading."
+    )
+
+
+class DetectionConfig(dg.Config):
+    force: bool = Field(default=False, description="Redo every row with text, valid or not (model migration).")
+    requeue_failed: bool = Field(default=False, description="Retry failed rows now, ignoring their cool-down.")
+    limit: int | None = Field(default=None, gt=0, description="Process at most this many rows in this run.")
+
+
+@contextmanager
+def fail_without_retry(stage: str) -> Iterator[None]:
+    """A table that does not fit the config, a missing key or an unknown model will not be fixed by a
+    retry: fail at once, with the one-line message."""
+    try:
+        yield
+    except (SchemaError, ConfigError, FatalProviderError) as exc:
+        raise dg.Failure(description=f"{stage}: {exc}", allow_retries=False) from None
+
+
+def run_alive(instance: dg.DagsterInstance) -> Callable[[str, datetime], bool]:
+    """Whether the run holding a partition's lease may still be working on it.
+
+    A run this instance knows is alive until it finishes; a run it does not know (another deployment)
+    is trusted for an hour after it took the lease.
+    """
+
+    def alive(run_id: str, since: datetime) -> bool:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            return utc_now() - since < LEASE_GRACE
+        return not run.is_finished
+
+    return alive
+
+
+def build_dataset_assets(
+    name: str, dataset: DatasetConfig, partitions_def: dg.PartitionsDefinition
+) -> list[dg.AssetsDefinition]:
+    """The five assets of dataset ``name``, under the asset key prefix ``name``."""
+    keys = ResourceKeys.of(name)
+    retry = dg.RetryPolicy(
+        max_retries=dataset.retry.max_retries,
+        delay=dataset.retry.delay_seconds,
+        backoff=dg.Backoff.EXPONENTIAL,
+        jitter=dg.Jitter.PLUS_MINUS,
+    )
+    store_kind = dataset.store_kind
+
+    def asset(asset_name: str, *inputs: str, resources: set[str], kinds: set[str], **extra: object):  # noqa: ANN202
+        return dg.asset(
+            name=asset_name,
+            key_prefix=[name],
+            group_name=name,
+            partitions_def=partitions_def,
+            retry_policy=retry,
+            ins={i: dg.AssetIn(key=dg.AssetKey([name, i])) for i in inputs},
+            required_resource_keys=resources,
+            kinds=kinds,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    def res(context: dg.AssetExecutionContext) -> DatasetResources:
+        return keys.resolve(context.resources)
+
+    @asset(
+        "raw_rows",
+        resources=keys.database_only(),
+        kinds={store_kind, "parquet"},
+        io_manager_key=IO_MANAGER_KEY,
+        description=f"The rows of {dataset.table} in this partition: id, text fields, the stored embedding, "
+        "content hash, model and enrichment, read in batches.",
+    )
+    def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[pa.Table]:
+        with fail_without_retry("raw_rows"), res(context).database.open(dataset) as store:
+            out = steps.read_rows(
+                store,
+                dataset,
+                context.partition_key,
+                context.run.run_id,
+                run_alive(context.instance),
+                context.log,
+                migrate=config.migrate,
+            )
+        return dg.Output(out.table, metadata=out.metadata)
+
+    @asset(
+        "detected_placeholders",
+        "raw_rows",
+        resources=keys.database_only(),
+        kinds={"numpy", "parquet"},
+        io_manager_key=IO_MANAGER_KEY,
+        description="Every row classified with its reason: null, wrong dimension, placeholder (sequential, "
+        "constant, zero), non-finite, stale text, other model, missing enrichment, no text, or ok.",
+    )
+    def detected_placeholders(
+        context: dg.AssetExecutionContext, config: DetectionConfig, raw_rows: pa.Table
+    ) -> dg.Output[pa.Table]:
+        with fail_without_retry("detected_placeholders"), res(context).database.open(dataset) as store:
+            out = steps.detect_rows(
+                store,
+                dataset,
+                raw_rows,
+                context.log,
+                force=config.force,
+                requeue_failed=config.requeue_failed,
+                limit=config.limit,
+            )
+        return dg.Output(out.table, metadata=out.metadata)
+
+    @asset(
+        "llm_enrichment",
+        "detected_placeholders",
+        resources=keys.all,
+        kinds={dataset.enrichment.provider, "parquet"},
+        io_manager_key=IO_MANAGER_KEY,
+        pool=ENRICHMENT_POOL,
+        description="Skills, seniority and a summary for each row that needs them, validated against the "
+        "schema; a row whose answer fails is recorded with its message and never stops the partition.",
+    )
+    def llm_enrichment(context: dg.AssetExecutionContext, detected_placeholders: pa.Table) -> dg.Output[pa.Table]:
+        r = res(context)
+        with fail_without_retry("enrichment"):
+            out = steps.enrich_rows(
+                lambda: r.database.open(dataset),
+                dataset,
+                detected_placeholders,
+                lambda: r.enrichment_provider(dataset),
+                context.log,
+            )
+        return dg.Output(out.table, metadata=out.metadata)
+
+    @asset(
+        "embeddings",
+        "detected_placeholders",
+        "llm_enrichment",
+        resources=keys.all,
+        kinds={dataset.embedding.provider, "parquet"},
+        io_manager_key=IO_MANAGER_KEY,
+        pool=EMBEDDING_POOL,
+        description=f"{dataset.embedding.dimension}-dim vectors from {dataset.embedding.provider} "
+        f"{dataset.embedding.model} for each row that needs one, embedded in batches.",
+    )
+    def embeddings(
+        context: dg.AssetExecutionContext, detected_placeholders: pa.Table, llm_enrichment: pa.Table
+    ) -> dg.Output[pa.Table]:
+        r = res(context)
+        with fail_without_retry("embeddings"):
+            out = steps.embed_rows(
+                lambda: r.database.open(dataset),
+                dataset,
+                detected_placeholders,
+                llm_enrichment,
+                lambda: r.embedding_provider(dataset),
+                context.log,
+            )
+        return dg.Output(out.table, metadata=out.metadata)
+
+    @asset(
+        "written_table",
+        "detected_placeholders",
+        "llm_enrichment",
+        "embeddings",
+        resources=keys.database_only(),
+        kinds={store_kind},
+        description=f"Results written back to {dataset.target.table or dataset.table} in batches, one "
+        "transaction each; only the embedding, enrichment and bookkeeping columns change.",
+    )
+    def written_table(
+        context: dg.AssetExecutionContext,
+        detected_placeholders: pa.Table,
+        llm_enrichment: pa.Table,
+        embeddings: pa.Table,
+    ) -> dg.MaterializeResult:
+        with fail_without_retry("written_table"), res(context).database.open(dataset) as store:
+            out = steps.write_rows(
+                store,
+                dataset,
+                context.partition_key,
+                context.run.run_id,
+                detected_placeholders,
+                llm_enrichment,
+                embeddings,
+                context.log,
+            )
+        return dg.MaterializeResult(metadata=out.metadata)
+
+    return [raw_rows, detected_placeholders, llm_enrichment, embeddings, written_table]

@@ -1,0 +1,57 @@
+"""``EmbeddingBackfill``: the backfill as a Dagster component, for a ``defs.yaml`` in any dg project.
+
+```yaml
+type: backfill_pipeline.EmbeddingBackfill
+attributes:
+  config_file: "{{ env.BACKFILL_CONFIG }}"   # a config file, or:
+  datasets:                                   # the same datasets, written inline
+    jobs: {database_url: {env: JOBS_DATABASE_URL}, table: jobs, text: {columns: [title]}, ...}
+```
+
+Inline datasets are validated exactly like a config file (one message naming the dataset and the key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from ..config import CONFIG_ENV_VAR, BackfillConfig, ConfigError, load_config, parse_config
+from .factory import backfill_definitions
+
+
+class EmbeddingBackfill(dg.Component, dg.Resolvable, dg.Model):
+    """Backfills and maintains LLM enrichment and embeddings for the rows of database tables.
+
+    Give either ``config_file`` (a backfill config YAML) or ``datasets`` (the same mapping inline).
+    """
+
+    config_file: str | None = Field(
+        default=None,
+        description=f"Path of a backfill config file, e.g. '{{{{ env.{CONFIG_ENV_VAR} }}}}'; a relative path is "
+        "looked up beside this defs.yaml, then in the working directory.",
+    )
+    datasets: dict[str, Any] | None = Field(
+        default=None, description="Datasets by name, each as in a config file's `datasets:` mapping."
+    )
+
+    def backfill_config(self, component_dir: Path | None = None) -> BackfillConfig:
+        if self.datasets is not None and self.config_file:
+            raise ConfigError("EmbeddingBackfill: give either config_file or datasets, not both")
+        if self.datasets is not None:
+            return parse_config({"datasets": self.datasets}, "(EmbeddingBackfill attributes)")
+        if not self.config_file or not self.config_file.strip():
+            raise ConfigError(
+                "EmbeddingBackfill: config_file is empty: "
+                f"set {CONFIG_ENV_VAR} to your backfill config file (or give `datasets:` inline)"
+            )
+        path = Path(self.config_file.strip())
+        if not path.is_absolute() and component_dir is not None and (component_dir / path).exists():
+            path = component_dir / path
+        return load_config(path)
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        return backfill_definitions(self.backfill_config(context.path))

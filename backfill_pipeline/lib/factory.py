@@ -1,0 +1,62 @@
+"""One ``dg.Definitions`` per dataset, built by one factory, and the merge of them all.
+
+A dataset's definitions hold everything that is its own (assets, coverage check, job, sensor, schedule,
+its database and provider-key resources); what all datasets share (the Parquet IO manager, the
+executor) is defined once, in :func:`backfill_definitions`.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ..config import BackfillConfig, DatasetConfig
+from ..partitions import partitions_def_for
+from .assets import IO_MANAGER_KEY, build_dataset_assets
+from .checks import build_coverage_check
+from .io_managers import ParquetIOManager
+from .resources import dataset_resources
+from .schedules import build_refresh_schedule
+from .sensors import build_new_rows_sensor
+
+
+def job_name(dataset: str) -> str:
+    return f"{dataset}_backfill_job"
+
+
+def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
+    """Everything one dataset needs, under its own names and resource keys."""
+    partitions_def = partitions_def_for(name)
+    assets = build_dataset_assets(name, dataset, partitions_def)
+    job = dg.define_asset_job(
+        job_name(name),
+        selection=dg.AssetSelection.assets(*assets),
+        description=f"Backfill {dataset.table}: detect, enrich, embed and write one partition.",
+    )
+    sensors = [build_new_rows_sensor(name, dataset, job_name(name), partitions_def)] if dataset.sensor.enabled else []
+    schedules = (
+        [build_refresh_schedule(name, dataset, job_name(name), partitions_def)] if dataset.schedule.enabled else []
+    )
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=[build_coverage_check(name, dataset, partitions_def)],
+        jobs=[job],
+        sensors=sensors,
+        schedules=schedules,
+        resources=dataset_resources(name, dataset),
+    )
+
+
+def shared_definitions() -> dg.Definitions:
+    """What every dataset shares, defined once: two datasets may not bind one key to two resources."""
+    return dg.Definitions(
+        resources={IO_MANAGER_KEY: ParquetIOManager()},
+        # A partition's steps form a chain, so a process per step would only add start-up time; runs of
+        # different partitions still execute in parallel, each in its own process.
+        executor=dg.in_process_executor,
+    )
+
+
+def backfill_definitions(config: BackfillConfig) -> dg.Definitions:
+    return dg.Definitions.merge(
+        shared_definitions(), *(dataset_definitions(name, ds) for name, ds in config.datasets.items())
+    )

@@ -1,0 +1,282 @@
+"""What each asset does, as plain typed functions: testable without Dagster, called by thin wrappers.
+
+Each step returns its table (if any) and its metadata as plain values. Errors that retrying cannot fix
+(a table that does not fit the config, a missing key, an unknown model) are raised as they are; the
+Dagster layer turns them into failures without retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import DatasetConfig, ProviderSpec
+from .detection import Reason, apply_limit, detect, reason_counts
+from .engine import CallPolicy, embed_texts, enrich_texts
+from .partitions import partition_spec
+from .policy import build_policy
+from .providers.base import EmbeddingProvider, EnrichmentProvider, Usage
+from .reporting import Log, accounting_line, partition_summary, progress_logger, timing, usage_metadata
+from .results import (
+    embedding_texts,
+    embeddings_schema,
+    embeddings_table,
+    enrichment_schema,
+    enrichment_table,
+    hold_back_failed_enrichment,
+    merge_results,
+    row_failures,
+)
+from .stores import Store
+
+T = TypeVar("T")
+P = TypeVar("P", EmbeddingProvider, EnrichmentProvider)
+
+
+@dataclass
+class StepResult:
+    table: pa.Table | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def read_rows(
+    store: Store,
+    dataset: DatasetConfig,
+    partition_key: str,
+    run_id: str,
+    is_alive: Callable[[str, datetime], bool],
+    log: Log,
+    *,
+    migrate: bool = False,
+) -> StepResult:
+    """Take the partition's lease and read its rows; a partition held by a live run is skipped."""
+    started = time.monotonic()
+    if migrate:
+        added = store.migrate()
+        log.info(f"migration added: {', '.join(added) or 'nothing (schema up to date)'}")
+    store.check_schema()
+    part = partition_spec(partition_key, dataset, store.rows)
+    holder = store.ledger.claim_partition(part.key, run_id, is_alive)
+    if holder is not None:
+        message = (
+            f"partition {part.key} is being processed by run {holder}; this run skips it "
+            "(nothing read, no provider called, nothing written)"
+        )
+        log.warning(message)
+        return StepResult(
+            store.rows.raw_schema().empty_table(), {"rows_in": 0, "skipped": message, "held_by_run": holder}
+        )
+    table = store.rows.read_partition(part, dataset.read_batch_size)
+    log.info(f"read {table.num_rows} rows of partition {part.key}")
+    return StepResult(table, {"rows_in": table.num_rows, **timing(started, table.num_rows)})
+
+
+def detect_rows(
+    store: Store | None,
+    dataset: DatasetConfig,
+    raw: pa.Table,
+    log: Log,
+    *,
+    force: bool = False,
+    requeue_failed: bool = False,
+    limit: int | None = None,
+) -> StepResult:
+    """Classify every row; ``store`` (for failures cooling down) may be None when ``force`` is set."""
+    started = time.monotonic()
+    cooling: set[object] = set()
+    if not force and store is not None:
+        ids = raw.column("id").to_pylist()
+        if requeue_failed:
+            log.info(f"re-queued {store.ledger.requeue_failures(ids)} failed rows")
+        cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
+    detected = detect(raw, dataset, force=force, cooling_ids=cooling)
+    if limit:
+        detected = apply_limit(detected, limit)
+    counts = reason_counts(detected)
+    log.info(f"detection: {json.dumps(counts, sort_keys=True)}")
+    return StepResult(
+        detected,
+        {
+            "rows_in": detected.num_rows,
+            "rows_needing_embedding": pc.sum(detected.column("needs_embedding")).as_py() or 0,
+            "rows_needing_enrichment": pc.sum(detected.column("needs_enrichment")).as_py() or 0,
+            "reasons": counts,
+            **{f"rows_{r.value}": counts.get(r.value, 0) for r in Reason},
+            **timing(started, detected.num_rows),
+        },
+    )
+
+
+def call_provider(
+    store: Store,
+    dataset: DatasetConfig,
+    spec: ProviderSpec,
+    stage: str,
+    provider: P,
+    work: Callable[[P, CallPolicy], Awaitable[T]],
+    log: Log,
+) -> tuple[T, Usage]:
+    """Check the provider with a free call, run the engine under the dataset's policy, log the accounting."""
+    policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
+
+    async def go() -> T:
+        try:
+            await provider.preflight()
+            return await work(provider, policy)
+        finally:
+            await provider.aclose()
+            await policy.cache.aclose()
+
+    outcome = asyncio.run(go())
+    log.info(accounting_line(stage, provider.usage, spec))
+    return outcome, provider.usage
+
+
+def enrich_rows(
+    store_open: Callable[[], Store],
+    dataset: DatasetConfig,
+    detected: pa.Table,
+    provider: Callable[[], EnrichmentProvider],
+    log: Log,
+) -> StepResult:
+    """Skills, seniority and a summary for the rows that need them; per-row failures are kept as rows."""
+    started = time.monotonic()
+    todo = detected.filter(pc.field("needs_enrichment"))
+    if not dataset.enrichment.enabled or todo.num_rows == 0:
+        why = "enrichment disabled for this dataset" if not dataset.enrichment.enabled else "no row needs it"
+        log.info(f"enrichment skipped: {why}")
+        return StepResult(
+            enrichment_schema(dataset).empty_table(), {"rows_in": 0, "skipped": why, **usage_metadata(Usage())}
+        )
+    spec = dataset.enrichment
+    texts = todo.column("text").to_pylist()
+    with store_open() as store:
+        outcome, usage = call_provider(
+            store,
+            dataset,
+            spec,
+            "enrichment",
+            provider(),
+            lambda p, policy: enrich_texts(
+                p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "enrichment")
+            ),
+            log,
+        )
+    table = enrichment_table(dataset, todo, outcome)
+    _log_failures(log, "enrichment", table)
+    failed = len(outcome.failures)
+    return StepResult(
+        table,
+        {
+            "rows_in": todo.num_rows,
+            "rows_enriched": todo.num_rows - failed,
+            "rows_failed": failed,
+            **usage_metadata(usage, spec),
+            **timing(started, todo.num_rows),
+        },
+    )
+
+
+def embed_rows(
+    store_open: Callable[[], Store],
+    dataset: DatasetConfig,
+    detected: pa.Table,
+    enrichment: pa.Table,
+    provider: Callable[[], EmbeddingProvider],
+    log: Log,
+) -> StepResult:
+    """Vectors for the rows that need them, in batches; per-row failures are kept as rows."""
+    started = time.monotonic()
+    todo = detected.filter(pc.field("needs_embedding"))
+    held_back = 0
+    if dataset.embedding.include_enrichment:
+        todo, held_back = hold_back_failed_enrichment(todo, enrichment)
+    if todo.num_rows == 0:
+        log.info("embeddings skipped: no row needs one")
+        return StepResult(
+            embeddings_schema(dataset).empty_table(),
+            {"rows_in": 0, "rows_held_back": held_back, **usage_metadata(Usage())},
+        )
+    spec = dataset.embedding
+    texts = embedding_texts(dataset, todo, enrichment)
+    with store_open() as store:
+        outcome, usage = call_provider(
+            store,
+            dataset,
+            spec,
+            "embeddings",
+            provider(),
+            lambda p, policy: embed_texts(
+                p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "embeddings")
+            ),
+            log,
+        )
+    table = embeddings_table(dataset, todo, outcome)
+    _log_failures(log, "embedding", table)
+    return StepResult(
+        table,
+        {
+            "rows_in": todo.num_rows,
+            "rows_embedded": int(outcome.ok.sum()),
+            "rows_failed": len(outcome.failures),
+            "rows_held_back": held_back,
+            **usage_metadata(usage, spec),
+            **timing(started, todo.num_rows),
+        },
+    )
+
+
+def _log_failures(log: Log, stage: str, table: pa.Table) -> None:
+    failed = table.filter(pc.is_valid(table.column("error"))).select(["id", "error_class", "error"])
+    for row in failed.to_pylist():
+        log.warning(f"{stage} failed for row id {row['id']}: [{row['error_class']}] {row['error']}")
+
+
+def write_rows(
+    store: Store,
+    dataset: DatasetConfig,
+    partition_key: str,
+    run_id: str,
+    detected: pa.Table,
+    enrichment: pa.Table,
+    embeddings: pa.Table,
+    log: Log,
+) -> StepResult:
+    """Write the results, record failures, clear the failures of rows that succeeded, release the lease."""
+    started = time.monotonic()
+    results = merge_results(dataset, enrichment, embeddings)
+    failures = row_failures(enrichment, embeddings)
+    failed = {f.row_id for f in failures}
+    succeeded = [i for i in results.column("id").to_pylist() if i not in failed]
+    stats = store.rows.write_results(results, dataset.write_batch_size)
+    store.ledger.record_failures(failures)
+    store.ledger.clear_failures(succeeded)
+    store.ledger.release_partition(partition_key, run_id)
+    counts = reason_counts(detected)
+    by_stage = {stage: sum(1 for f in failures if f.stage == stage) for stage in ("enrichment", "embedding")}
+    summary = partition_summary(partition_key, detected.num_rows, stats.rows_written, counts, by_stage)
+    log.info(summary)
+    return StepResult(
+        None,
+        {
+            "rows_in": detected.num_rows,
+            "rows_written": stats.rows_written,
+            "write_batches": stats.batches,
+            "rows_up_to_date": counts.get(Reason.OK.value, 0),
+            "rows_skipped_no_text": counts.get(Reason.NO_TEXT.value, 0),
+            "rows_cooling_down": counts.get(Reason.COOLING_DOWN.value, 0),
+            "rows_deferred": counts.get(Reason.DEFERRED.value, 0),
+            "rows_enrichment_failed": by_stage["enrichment"],
+            "rows_embedding_failed": by_stage["embedding"],
+            "summary": summary,
+            **timing(started, stats.rows_written),
+        },
+    )

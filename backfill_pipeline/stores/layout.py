@@ -1,0 +1,109 @@
+"""A dataset's tables and columns, resolved once from the config, so stores never read the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DatasetConfig
+from ..rows import enrichment_col
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table name with its optional schema (Postgres only)."""
+
+    name: str
+    schema: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Where a dataset's rows are read from and its results written to."""
+
+    dataset: str
+    source: TableRef
+    id_column: str
+    text_fields: tuple[str, ...]
+    archive_column: str | None
+    row_filter: str | None
+    target: TableRef  # the source table itself when results are written in place
+    target_id_column: str
+    separate: bool
+    embedding_column: str
+    dimension: int
+    content_hash_column: str
+    model_column: str
+    embedded_at_column: str
+    enriched_at_column: str
+    enrichment_columns: tuple[tuple[str, str], ...]  # (field, column), in field order
+
+    @classmethod
+    def from_config(cls, name: str, dataset: DatasetConfig) -> TableLayout:
+        separate = dataset.target.mode == "table"
+        source = TableRef(dataset.table, dataset.schema_name)
+        target = TableRef(dataset.target.table, dataset.target.schema_name) if dataset.target.table else source
+        books = dataset.bookkeeping
+        return cls(
+            dataset=name,
+            source=source,
+            id_column=dataset.id_column,
+            text_fields=tuple(dataset.text.fields),
+            archive_column=dataset.archive_column,
+            row_filter=dataset.row_filter,
+            target=target if separate else source,
+            target_id_column=dataset.target.id_column if separate else dataset.id_column,
+            separate=separate,
+            embedding_column=dataset.embedding.column,
+            dimension=dataset.embedding.dimension,
+            content_hash_column=books.content_hash,
+            model_column=books.model,
+            embedded_at_column=books.embedded_at,
+            enriched_at_column=books.enriched_at,
+            enrichment_columns=tuple(dataset.enrichment_columns.items()),
+        )
+
+    @property
+    def enrichment_fields(self) -> list[str]:
+        return [field for field, _ in self.enrichment_columns]
+
+    @property
+    def skills_column(self) -> str | None:
+        return dict(self.enrichment_columns).get("skills")
+
+    @property
+    def result_columns(self) -> list[str]:
+        """Every column the pipeline writes; nothing else is ever changed."""
+        columns = [self.embedding_column, self.content_hash_column, self.model_column, self.embedded_at_column]
+        if self.enrichment_columns:
+            columns += [column for _, column in self.enrichment_columns] + [self.enriched_at_column]
+        return columns
+
+    @property
+    def timestamp_columns(self) -> tuple[str, str]:
+        return self.embedded_at_column, self.enriched_at_column
+
+    @property
+    def needed_source_columns(self) -> list[str]:
+        return [self.id_column, *self.text_fields] + ([self.archive_column] if self.archive_column else [])
+
+    @property
+    def stored_columns(self) -> list[str]:
+        """The result columns read back with each row: embedding, hash, model, then enrichment fields."""
+        return [self.embedding_column, self.content_hash_column, self.model_column] + [
+            column for _, column in self.enrichment_columns
+        ]
+
+    def result_mapping(self, present: set[str]) -> dict[str, str]:
+        """Target column -> results column, for the results columns in ``present``."""
+        candidates = {
+            self.embedding_column: "embedding",
+            self.content_hash_column: "content_hash",
+            self.model_column: "model",
+            self.embedded_at_column: "embedded_at",
+            self.enriched_at_column: "enriched_at",
+            **{column: enrichment_col(field) for field, column in self.enrichment_columns},
+        }
+        return {target: source for target, source in candidates.items() if source in present}

@@ -1,0 +1,198 @@
+"""The pipeline's own tables in Postgres: failures, partition leases, the paid-results cache, rate budgets.
+
+They live in the target table's schema. Cache and budget calls come from the engine's worker threads and
+go through a side connection of their own, so they never interleave with a read or a write.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg import sql
+
+from .base import BUDGET_TABLE, CACHE_TABLE, FAILURES_TABLE, LEASES_TABLE, Failure, Ledger, utc_now
+from .layout import TableRef
+from .postgres_catalog import Catalog, connect, identifier
+
+_TABLES: dict[str, sql.SQL] = {
+    FAILURES_TABLE: sql.SQL(
+        "dataset text NOT NULL, row_id text NOT NULL, stage text NOT NULL, error_class text NOT NULL, "
+        "message text NOT NULL, attempts integer NOT NULL DEFAULT 1, first_failed_at timestamptz NOT NULL, "
+        "last_failed_at timestamptz NOT NULL, requeued boolean NOT NULL DEFAULT false, "
+        "PRIMARY KEY (dataset, row_id, stage)"
+    ),
+    CACHE_TABLE: sql.SQL("key text PRIMARY KEY, value bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now()"),
+    BUDGET_TABLE: sql.SQL(
+        "key text PRIMARY KEY, request_tat double precision NOT NULL, token_tat double precision NOT NULL"
+    ),
+    LEASES_TABLE: sql.SQL(
+        "dataset text NOT NULL, partition_key text NOT NULL, run_id text NOT NULL, acquired_at timestamptz NOT NULL, "
+        "PRIMARY KEY (dataset, partition_key)"
+    ),
+}
+
+
+class PostgresLedger(Ledger):
+    def __init__(self, dataset: str, conn: psycopg.Connection, url: str, schema: str | None):
+        super().__init__(dataset)
+        self.conn = conn
+        self.url = url
+        self.refs = {name: TableRef(name, schema) for name in _TABLES}
+        self.failures_table = identifier(self.refs[FAILURES_TABLE])
+        self.leases_table = identifier(self.refs[LEASES_TABLE])
+        self.cache_table = identifier(self.refs[CACHE_TABLE])
+        self.budget_table = identifier(self.refs[BUDGET_TABLE])
+        self._side_conn: psycopg.Connection | None = None
+        self._side_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._side_conn is not None:
+            self._side_conn.close()
+
+    def _side(self) -> psycopg.Connection:
+        if self._side_conn is None or self._side_conn.closed:
+            self._side_conn = connect(self.url, self.dataset)
+        return self._side_conn
+
+    def missing_tables(self) -> list[str]:
+        catalog = Catalog(self.conn)
+        return [f"{name} (table)" for name, ref in self.refs.items() if not catalog.exists(ref)]
+
+    def create_tables(self) -> None:
+        for name, columns in _TABLES.items():
+            self.conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(identifier(self.refs[name]), columns)
+            )
+
+    # -- failures --------------------------------------------------------------------------------
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        if not failures:
+            return
+        now = utc_now()
+        with self.conn.transaction(), self.conn.cursor() as cursor:
+            cursor.executemany(
+                sql.SQL(
+                    "INSERT INTO {t} AS f (dataset, row_id, stage, error_class, message, attempts, first_failed_at, "
+                    "last_failed_at, requeued) VALUES (%s, %s, %s, %s, %s, 1, %s, %s, false) "
+                    "ON CONFLICT (dataset, row_id, stage) DO UPDATE SET error_class = EXCLUDED.error_class, "
+                    "message = EXCLUDED.message, attempts = f.attempts + 1, last_failed_at = EXCLUDED.last_failed_at, "
+                    "requeued = false"
+                ).format(t=self.failures_table),
+                [(self.dataset, str(f.row_id), f.stage, f.error_class, f.message, now, now) for f in failures],
+            )
+
+    def clear_failures(self, row_ids: Sequence[object], stages: Sequence[str] | None = None) -> int:
+        if not row_ids:
+            return 0
+        query = sql.SQL("DELETE FROM {} WHERE dataset = %s AND row_id = ANY(%s)").format(self.failures_table)
+        params: list = [self.dataset, [str(i) for i in row_ids]]
+        if stages:
+            query += sql.SQL(" AND stage = ANY(%s)")
+            params.append(list(stages))
+        return self.conn.execute(query, params).rowcount
+
+    def failed_since(self, hours: float) -> set[str]:
+        rows = self.conn.execute(
+            sql.SQL("SELECT row_id FROM {} WHERE dataset = %s AND NOT requeued AND last_failed_at > %s").format(
+                self.failures_table
+            ),
+            [self.dataset, utc_now() - timedelta(hours=hours)],
+        )
+        return {r[0] for r in rows}
+
+    def failures(self, limit: int = 100) -> list[dict]:
+        cursor = self.conn.execute(
+            sql.SQL(
+                "SELECT row_id, stage, error_class, message, attempts, first_failed_at, last_failed_at, requeued "
+                "FROM {} WHERE dataset = %s ORDER BY last_failed_at DESC LIMIT %s"
+            ).format(self.failures_table),
+            [self.dataset, limit],
+        )
+        names = [c.name for c in cursor.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cursor]
+
+    def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
+        query = sql.SQL("UPDATE {} SET requeued = true WHERE dataset = %s AND NOT requeued").format(self.failures_table)
+        params: list = [self.dataset]
+        if row_ids is not None:
+            query += sql.SQL(" AND row_id = ANY(%s)")
+            params.append([str(i) for i in row_ids])
+        return self.conn.execute(query, params).rowcount
+
+    # -- cache and budgets -----------------------------------------------------------------------
+    def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        with self._side_lock:
+            rows = self._side().execute(
+                sql.SQL(
+                    "SELECT key, value FROM {} WHERE key = ANY(%s) AND created_at > now() - make_interval(secs => %s)"
+                ).format(self.cache_table),
+                [list(keys), max_age_days * 86400],
+            )
+            return {k: bytes(v) for k, v in rows}
+
+    def cache_put(self, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+        with self._side_lock, self._side().cursor() as cursor:
+            cursor.executemany(
+                sql.SQL(
+                    "INSERT INTO {} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+                    "SET value = EXCLUDED.value, created_at = now()"
+                ).format(self.cache_table),
+                list(items.items()),
+            )
+
+    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+        with self._side_lock:
+            conn = self._side()
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (key, request_tat, token_tat) VALUES (%s, 0, 0) ON CONFLICT (key) DO NOTHING"
+                ).format(self.budget_table),
+                [key],
+            )
+            # one statement: the row lock serialises every process; the database clock is the only clock
+            row = conn.execute(
+                sql.SQL(
+                    "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS now) "
+                    "UPDATE {} AS b SET request_tat = greatest(b.request_tat, c.now) + %(req)s, "
+                    "token_tat = greatest(b.token_tat, c.now) + %(tok)s FROM c WHERE b.key = %(key)s "
+                    "RETURNING greatest(0, b.request_tat - c.now - %(burst)s, b.token_tat - c.now - %(burst)s)"
+                ).format(self.budget_table),
+                {"req": request_seconds, "tok": token_seconds, "key": key, "burst": burst_seconds},
+            ).fetchone()
+        return float(row[0]) if row else 0.0
+
+    # -- partition leases ------------------------------------------------------------------------
+    def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
+        row = self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} AS l (dataset, partition_key, run_id, acquired_at) VALUES (%s, %s, %s, now()) "
+                "ON CONFLICT (dataset, partition_key) DO UPDATE SET run_id = EXCLUDED.run_id, acquired_at = now() "
+                "WHERE l.run_id IN (EXCLUDED.run_id, %s) RETURNING run_id"
+            ).format(t=self.leases_table),
+            [self.dataset, key, run_id, replace or run_id],
+        ).fetchone()
+        return row is not None
+
+    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+        row = self.conn.execute(
+            sql.SQL("SELECT run_id, acquired_at FROM {} WHERE dataset = %s AND partition_key = %s").format(
+                self.leases_table
+            ),
+            [self.dataset, key],
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def release_partition(self, key: str, run_id: str) -> None:
+        self.conn.execute(
+            sql.SQL("DELETE FROM {} WHERE dataset = %s AND partition_key = %s AND run_id = %s").format(
+                self.leases_table
+            ),
+            [self.dataset, key, run_id],
+        )

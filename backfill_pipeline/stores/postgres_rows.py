@@ -1,0 +1,216 @@
+"""The production store's rows: PostgreSQL through psycopg 3, with or without pgvector.
+
+- Reads stream the partition through a server-side cursor, ``batch_size`` rows at a time.
+- Writes (see :mod:`.postgres_writes`) stage each batch with ``COPY ... FORMAT BINARY`` and apply it in
+  one statement, one transaction per batch.
+- The embedding column's type is read from the catalog: pgvector ``vector(n)``/``halfvec(n)``,
+  ``real[]``/``double precision[]``, ``jsonb``/``json`` holding an array, or JSON text.
+- Identifiers are always composed with ``psycopg.sql.Identifier``; the dataset's ``row_filter`` is the
+  only raw SQL, and the config documents it as trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+
+from .base import PartitionSpec, RowStore, SchemaError, WriteStats
+from .layout import TableLayout
+from .postgres_catalog import Catalog, ColumnType, identifier
+from .postgres_writes import write_results
+
+SKILLS_TYPES = ("jsonb", "json", "_text", "_varchar", "text", "varchar")
+
+
+def decode_vector(text: str | None) -> np.ndarray | None:
+    """Any supported column's text form ('[1,2]', '{1,2}', JSON) as float32; ``None`` for NULL/JSON null."""
+    if text is None or text == "null":
+        return None
+    body = text.strip()
+    if len(body) < 2 or body[0] not in "[{" or body[-1] not in "]}":
+        raise ValueError(f"not an array: {body[:40]!r}")
+    return np.fromstring(body[1:-1], sep=",", dtype=np.float32)
+
+
+class PostgresRows(RowStore):
+    def __init__(self, layout: TableLayout, conn: psycopg.Connection, url: str, pgvector: bool, concurrency: int):
+        super().__init__(layout)
+        self.conn = conn
+        self.url = url
+        self.has_pgvector = pgvector
+        self.write_concurrency = concurrency
+        self.catalog = Catalog(conn)
+        self.src = identifier(layout.source)
+        self.dst = identifier(layout.target)
+        self.id = sql.Identifier(layout.id_column)
+        self.dst_id = sql.Identifier(layout.target_id_column)
+
+    # -- schema ----------------------------------------------------------------------------------
+    def target_columns(self, refresh: bool = False) -> dict[str, ColumnType]:
+        return self.catalog.columns(self.layout.target, refresh)
+
+    def embedding_type(self) -> ColumnType:
+        found = self.target_columns().get(self.layout.embedding_column)
+        if found is None:
+            raise SchemaError(
+                f"dataset '{self.layout.dataset}': column {self.layout.target}.{self.layout.embedding_column} "
+                "does not exist"
+            )
+        return found
+
+    def missing_columns(self) -> list[str]:
+        lay = self.layout
+        source = self.catalog.columns(lay.source, refresh=True)
+        if not source:
+            raise SchemaError(f"dataset '{lay.dataset}': table {self.src.as_string(self.conn)} does not exist")
+        absent = [c for c in lay.needed_source_columns if c not in source]
+        if absent:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {', '.join(absent)}")
+        target = self.target_columns(refresh=True)
+        if not target:
+            return [f"{lay.target.name} (table)"]
+        return [f"{lay.target.name}.{c}" for c in lay.result_columns if c not in target]
+
+    def check_columns(self) -> None:
+        lay = self.layout
+        emb = self.embedding_type()
+        where = f"dataset '{lay.dataset}': column {lay.target.name}.{lay.embedding_column}"
+        if emb.vector_kind is None:
+            raise SchemaError(
+                f"{where} has type {emb.formatted}; supported are vector(n), halfvec(n), real[], "
+                "double precision[], jsonb, json and text"
+            )
+        if emb.dimension is not None and emb.dimension != lay.dimension:
+            raise SchemaError(
+                f"{where} is {emb.formatted} but embedding.dimension is {lay.dimension}; set "
+                f"embedding.dimension to {emb.dimension} or change the column's type"
+            )
+        skills = lay.skills_column
+        if skills is not None:
+            kind = self.target_columns()[skills]
+            if kind.typname not in SKILLS_TYPES:
+                raise SchemaError(
+                    f"dataset '{lay.dataset}': column {lay.target.name}.{skills} has type {kind.formatted}; "
+                    "skills need jsonb, json, text[] or text"
+                )
+
+    def _result_column_type(self, column: str) -> str:
+        lay = self.layout
+        if column == lay.embedding_column:
+            return f"vector({lay.dimension})" if self.has_pgvector else "real[]"
+        if column in lay.timestamp_columns:
+            return "timestamptz"
+        if column == lay.skills_column:
+            return "jsonb"
+        return "text"
+
+    def add_missing_columns(self) -> None:
+        lay = self.layout
+        if not self.catalog.exists(lay.target):
+            source_id = self.catalog.columns(lay.source)[lay.id_column].formatted
+            cols = [
+                sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(self._result_column_type(c)))
+                for c in lay.result_columns
+            ]
+            self.conn.execute(
+                sql.SQL("CREATE TABLE {} ({} {} PRIMARY KEY, {})").format(
+                    self.dst,
+                    self.dst_id,
+                    sql.SQL(source_id),
+                    sql.SQL(", ").join(cols),
+                )
+            )
+        existing = self.target_columns(refresh=True)
+        for column in lay.result_columns:
+            if column not in existing:
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                        self.dst, sql.Identifier(column), sql.SQL(self._result_column_type(column))
+                    )
+                )
+        self.catalog.forget()
+
+    # -- partitions ------------------------------------------------------------------------------
+    def _source_filtered(self) -> sql.Composable:
+        where: sql.Composable = sql.SQL("")
+        if self.layout.row_filter:
+            # Trusted SQL from the config file: the one place raw SQL enters a statement.
+            where = sql.SQL(" WHERE ({})").format(sql.SQL(self.layout.row_filter))
+        return sql.SQL("(SELECT * FROM {}{}) AS s").format(self.src, where)
+
+    def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
+        where = sql.SQL(" WHERE s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
+        query = sql.SQL(
+            "SELECT s.{id}::bigint / %s AS bucket, max(s.{id})::bigint FROM {src}{where} GROUP BY 1 ORDER BY 1"
+        ).format(id=self.id, src=self._source_filtered(), where=where)
+        params = [width] + ([after_id] if after_id is not None else [])
+        return [(int(b), int(m)) for b, m in self.conn.execute(query, params)]
+
+    def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
+        archive = sql.Identifier(self.layout.archive_column or "")
+        where = sql.SQL(" AND s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
+        query = sql.SQL(
+            "SELECT s.{a}::text, max(s.{id})::bigint FROM {src} WHERE s.{a} IS NOT NULL{where} "
+            "GROUP BY s.{a} ORDER BY min(s.{id})"
+        ).format(a=archive, id=self.id, src=self._source_filtered(), where=where)
+        params = [after_id] if after_id is not None else []
+        return [(str(a), int(m)) for a, m in self.conn.execute(query, params)]
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _where(self, part: PartitionSpec | None) -> tuple[sql.Composable, list]:
+        clauses: list[sql.Composable] = []
+        params: list = []
+        if part is not None and part.id_range is not None:
+            clauses.append(sql.SQL("s.{} BETWEEN %s AND %s").format(self.id))
+            params += list(part.id_range)
+        if part is not None and part.archive is not None:
+            clauses.append(sql.SQL("s.{}::text = %s").format(sql.Identifier(self.layout.archive_column or "")))
+            params.append(part.archive)
+        if not clauses:
+            return sql.SQL(""), params
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), params
+
+    def _as_text(self, alias: str, column: str) -> sql.Composable:
+        kind = self.target_columns()[column]
+        ref = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
+        if kind.category == "A" and kind.typname not in ("_float4", "_float8"):
+            return sql.SQL("array_to_json({})::text").format(ref)
+        return sql.SQL("{}::text").format(ref)
+
+    def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
+        lay = self.layout
+        r = "r" if lay.separate else "s"
+        select: list[sql.Composable] = [sql.SQL("s.{}::bigint").format(self.id)]
+        select.append(
+            sql.SQL("s.{}::text").format(sql.Identifier(lay.archive_column)) if lay.archive_column else sql.SQL("NULL")
+        )
+        select += [sql.SQL("s.{}::text").format(sql.Identifier(f)) for f in lay.text_fields]
+        select += [self._as_text(r, column) for column in lay.stored_columns]
+        join = (
+            sql.SQL(" LEFT JOIN {} AS r ON r.{} = s.{}").format(self.dst, self.dst_id, self.id)
+            if lay.separate
+            else sql.SQL("")
+        )
+        where, params = self._where(part)
+        query = sql.SQL("SELECT {} FROM {}{}{} ORDER BY s.{}").format(
+            sql.SQL(", ").join(select), self._source_filtered(), join, where, self.id
+        )
+        schema = self.raw_schema()
+        emb_at = 2 + len(lay.text_fields)
+        with self.conn.transaction(), self.conn.cursor(name=f"backfill_read_{lay.dataset}") as cursor:
+            cursor.itersize = batch_size
+            cursor.execute(query, params)
+            while rows := cursor.fetchmany(batch_size):
+                columns = list(zip(*rows, strict=True))
+                arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
+                arrays += [pa.array(c, pa.string()) for c in columns[2:emb_at]]
+                arrays.append(self.vector_column(columns[0], columns[emb_at], decode_vector))
+                arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 :]]
+                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
+        return write_results(self, results, batch_size)

@@ -1,0 +1,213 @@
+"""The embedded default store's rows: a local SQLite file (standard library only).
+
+Embeddings are stored as JSON arrays in TEXT columns (like a ``jsonb`` column), or as little-endian
+float32 BLOBs when the column is declared ``BLOB``: the declared type decides, as the catalog does in
+Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+
+from .base import PartitionSpec, RowStore, SchemaError, StoreError, WriteStats, encode_skills
+from .layout import TableLayout
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///relative.db`` is relative to the working directory, ``sqlite:////abs.db`` absolute."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc:
+        raise StoreError(f"not a SQLite URL (expected sqlite:///path): {url}")
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not path:
+        raise StoreError("the SQLite URL has no file path")
+    return Path(path)
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once: it serialises every process sharing the file."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def table_columns(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    rows = conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()
+    return {r[1]: (r[2] or "").upper() for r in rows}
+
+
+def decode_vector(value: object) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | memoryview):
+        return np.frombuffer(value, dtype="<f4")
+    text = str(value).strip()
+    if not text.startswith("[") or not text.endswith("]"):
+        raise ValueError(f"embedding is neither a JSON array nor a float32 blob: {text[:40]!r}")
+    return np.fromstring(text[1:-1], sep=",", dtype=np.float32)
+
+
+class SQLiteRows(RowStore):
+    def __init__(self, layout: TableLayout, conn: sqlite3.Connection, path: Path):
+        super().__init__(layout)
+        if layout.source.schema or layout.target.schema:
+            raise StoreError(f"dataset '{layout.dataset}': 'schema' is not supported for SQLite databases")
+        self.conn = conn
+        self.path = path
+        self.src = quote(layout.source.name)
+        self.dst = quote(layout.target.name)
+        self.dst_id = quote(layout.target_id_column)
+        self.id = quote(layout.id_column)
+
+    # -- schema ----------------------------------------------------------------------------------
+    def missing_columns(self) -> list[str]:
+        lay = self.layout
+        source_cols = table_columns(self.conn, lay.source.name)
+        if not source_cols:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} does not exist in {self.path}")
+        absent = [c for c in lay.needed_source_columns if c not in source_cols]
+        if absent:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {', '.join(absent)}")
+        target_cols = table_columns(self.conn, lay.target.name)
+        if not target_cols:
+            return [f"{lay.target} (table)"]
+        return [f"{lay.target}.{c}" for c in lay.result_columns if c not in target_cols]
+
+    def add_missing_columns(self) -> None:
+        lay = self.layout
+        existing = table_columns(self.conn, lay.target.name)
+        if not existing:
+            cols = ", ".join(f"{quote(c)} TEXT" for c in lay.result_columns)
+            self.conn.execute(f"CREATE TABLE {self.dst} ({self.dst_id} INTEGER PRIMARY KEY, {cols})")
+            return
+        for column in lay.result_columns:
+            if column not in existing:
+                self.conn.execute(f"ALTER TABLE {self.dst} ADD COLUMN {quote(column)} TEXT")
+
+    # -- partitions ------------------------------------------------------------------------------
+    def _source_filtered(self) -> str:
+        where = f" WHERE ({self.layout.row_filter})" if self.layout.row_filter else ""
+        return f"(SELECT * FROM {self.src}{where}) AS s"
+
+    def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
+        where, params = (f"WHERE s.{self.id} > ?", [after_id]) if after_id is not None else ("", [])
+        sql = (
+            f"SELECT s.{self.id} / ? AS bucket, MAX(s.{self.id}) FROM {self._source_filtered()} "
+            f"{where} GROUP BY bucket ORDER BY bucket"
+        )
+        return [(int(b), int(m)) for b, m in self.conn.execute(sql, [width, *params])]
+
+    def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
+        archive = quote(self.layout.archive_column or "")
+        where = f" AND s.{self.id} > ?" if after_id is not None else ""
+        sql = (
+            f"SELECT s.{archive}, MAX(s.{self.id}) FROM {self._source_filtered()} "
+            f"WHERE s.{archive} IS NOT NULL{where} GROUP BY s.{archive} ORDER BY MIN(s.{self.id})"
+        )
+        params = [after_id] if after_id is not None else []
+        return [(str(a), int(m)) for a, m in self.conn.execute(sql, params)]
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _where(self, part: PartitionSpec | None) -> tuple[str, list]:
+        clauses: list[str] = []
+        params: list = []
+        if part is not None and part.id_range is not None:
+            clauses.append(f"s.{self.id} BETWEEN ? AND ?")
+            params += list(part.id_range)
+        if part is not None and part.archive is not None:
+            clauses.append(f"s.{quote(self.layout.archive_column or '')} = ?")
+            params.append(part.archive)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
+        lay = self.layout
+        r = "r" if lay.separate else "s"
+        select = [f"s.{self.id}", f"s.{quote(lay.archive_column)}" if lay.archive_column else "NULL"]
+        select += [f"s.{quote(f)}" for f in lay.text_fields]
+        select += [f"{r}.{quote(c)}" for c in lay.stored_columns]
+        join = f" LEFT JOIN {self.dst} AS r ON r.{self.dst_id} = s.{self.id}" if lay.separate else ""
+        where, params = self._where(part)
+        sql = f"SELECT {', '.join(select)} FROM {self._source_filtered()}{join}{where} ORDER BY s.{self.id}"
+        schema = self.raw_schema()
+        emb_at = 2 + len(lay.text_fields)
+        cursor = self.conn.execute(sql, params)
+        while rows := cursor.fetchmany(batch_size):
+            columns = list(zip(*rows, strict=True))
+            arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
+            arrays += [pa.array([None if v is None else str(v) for v in c], pa.string()) for c in columns[2:emb_at]]
+            arrays.append(self.vector_column(columns[0], columns[emb_at], decode_vector))
+            arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 : emb_at + 3]]
+            arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in columns[emb_at + 3 :]]
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
+        lay = self.layout
+        mapping = lay.result_mapping(set(results.column_names))
+        if not mapping:
+            return WriteStats()
+        as_blob = "BLOB" in table_columns(self.conn, lay.target.name).get(lay.embedding_column, "")
+        columns = {name: results.column(src) for name, src in mapping.items()}
+        ids = results.column("id").to_pylist()
+        names = list(columns)
+        if lay.separate:
+            sql = (
+                f"INSERT INTO {self.dst} ({self.dst_id}, {', '.join(quote(c) for c in names)}) "
+                f"VALUES (?{', ?' * len(names)}) ON CONFLICT ({self.dst_id}) DO UPDATE SET "
+                + ", ".join(f"{quote(c)} = COALESCE(excluded.{quote(c)}, {self.dst}.{quote(c)})" for c in names)
+            )
+        else:
+            sql = (
+                f"UPDATE {self.dst} SET "
+                + ", ".join(f"{quote(c)} = COALESCE(?, {quote(c)})" for c in names)
+                + f" WHERE {self.dst_id} = ?"
+            )
+        stats = WriteStats()
+        for start in range(0, len(ids), batch_size):
+            stop = min(start + batch_size, len(ids))
+            values = []
+            for name in names:
+                chunk = columns[name].slice(start, stop - start)
+                if name == lay.embedding_column:
+                    values.append(_encode_vectors(chunk, as_blob))
+                else:
+                    values.append([None if v is None else str(v) for v in chunk.to_pylist()])
+            rows = list(zip(*values, strict=True))
+            params: Sequence[tuple] = (
+                [(i, *r) for i, r in zip(ids[start:stop], rows, strict=True)]
+                if lay.separate
+                else [(*r, i) for i, r in zip(ids[start:stop], rows, strict=True)]
+            )
+            with immediate(self.conn):
+                cursor = self.conn.executemany(sql, params)
+            stats.rows_written += cursor.rowcount
+            stats.batches += 1
+        return stats
+
+
+def _encode_vectors(chunk: pa.Array | pa.ChunkedArray, as_blob: bool) -> list:
+    if isinstance(chunk, pa.ChunkedArray):
+        chunk = chunk.combine_chunks()
+    valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+    dim = chunk.type.list_size
+    matrix = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    rows = iter(matrix)
+    if as_blob:
+        return [next(rows).astype("<f4").tobytes() if ok else None for ok in valid]
+    return [json.dumps(np.round(next(rows).astype(np.float64), 7).tolist()) if ok else None for ok in valid]
