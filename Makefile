@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+DEMO_CONFIG := $(CURDIR)/backfill_pipeline/config/demo_config.yaml
 
 .PHONY: demo test install install-test dev lint clean
 
@@ -33,12 +34,14 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 test: install-test
 	$(BIN)/python -m pytest
 
+# The UI on the demo (created by `make demo`); set BACKFILL_CONFIG to browse your own config instead.
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
+	BACKFILL_CONFIG=$${BACKFILL_CONFIG:-$(DEMO_CONFIG)} DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
 
 lint: install-test
-	$(BIN)/ruff check backfill_pipeline backfill_pipeline_tests
-	$(BIN)/ruff format --check backfill_pipeline backfill_pipeline_tests
+	$(BIN)/ruff check backfill_pipeline backfill_pipeline_tests bench
+	$(BIN)/ruff format --check backfill_pipeline backfill_pipeline_tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf .backfill .dagster_home

@@ -95,7 +95,7 @@ class RedisCache:
         if not keys:
             return {}
         values = await self._client.mget([self.prefix + k for k in keys])
-        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        return {k: v for k, v in zip(keys, values, strict=True) if isinstance(v, bytes)}
 
     async def put_many(self, items: dict[str, bytes]) -> None:
         if not items:

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
     )
     written = 0
     for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
+        mat = event.asset_materialization
         if mat.asset_key.path[-1] == "written_table":
             written = mat.metadata["rows_written"].value
     return key, result.success, written, time.monotonic() - started, result.run_id
@@ -182,7 +183,7 @@ def materialize_partitions(
     partition backfill's runs would; the rate budget and partition leases hold across them.
     """
     ok = True
-    results = []
+    results: Iterable[tuple]
     if parallel <= 1:
         results = (_run_partition(config_path, name, k, force, limit) for k in keys)
     else:
@@ -326,7 +327,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     print("\ncoverage after:")
     rows = _coverage_rows(name, dataset, by_partition=False)
     _print_table(["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"], rows)
-    total_rows = rows[-1][2]
+    total_rows = int(str(rows[-1][2]))
     print(
         f"\n{total_rows} rows through the graph in {seconds:.1f}s ({int(total_rows) / seconds:.0f} rows/s, "
         "including Dagster's per-run start-up)"

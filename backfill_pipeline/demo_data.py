@@ -165,6 +165,7 @@ def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dime
         skills = seniority = summary = enriched_at = None
         if i in enrichment_of:
             answer = enrichment_of[i]
+            assert isinstance(answer, dict), f"the offline enricher failed for demo row {i}: {answer}"
             skills, seniority, summary = json.dumps(answer["skills"]), answer["seniority"], answer["summary"]
             enriched_at = "2025-01-01T00:00:00+00:00"
         posted = f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,7 +44,7 @@ P = TypeVar("P", EmbeddingProvider, EnrichmentProvider)
 @dataclass
 class StepResult:
     table: pa.Table | None = None
-    metadata: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # plain values: ints, floats, strings, dicts
 
 
 def read_rows(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from .models import BackfillConfig, ConfigError
 
@@ -24,7 +25,7 @@ def _location(loc: tuple) -> tuple[str | None, str]:
     return None, ".".join(parts) or "(top level)"
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     dataset, key = _location(error["loc"])
     msg = error["msg"].removeprefix("Value error, ")
     if key == "[key]":

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ENRICHMENT_FIELDS = ("skills", "seniority", "summary")
 EnrichmentField = Literal["skills", "seniority", "summary"]
+ENRICHMENT_FIELDS: tuple[EnrichmentField, ...] = ("skills", "seniority", "summary")
 DatasetName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")]
 
 
@@ -181,7 +181,8 @@ class EnrichmentSpec(ProviderSpec):
         return self
 
     def column_for(self, field: str) -> str:
-        return self.columns.get(field, field)  # type: ignore[call-overload]
+        renamed = {str(k): v for k, v in self.columns.items()}
+        return renamed.get(field, field)
 
 
 class PartitioningSpec(_Model):

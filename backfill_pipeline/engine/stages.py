@@ -189,10 +189,10 @@ class EmbeddingStage(Stage[np.ndarray]):
             raise ProviderError(
                 f"provider returned shape {result.shape}, expected {(rows, self.dim)}", "invalid_output"
             )
-        finite = np.isfinite(result).all(axis=1)
+        finite = np.asarray(np.isfinite(result).all(axis=1), dtype=bool).tolist()
         return [
             v if good else RowError("invalid_output", "provider returned non-finite values")
-            for v, good in zip(result, finite, strict=True)
+            for v, good in zip(result, list(finite), strict=True)
         ]
 
     def keep(self, rows: list[int], result: np.ndarray) -> None:

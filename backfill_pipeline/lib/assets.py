@@ -10,6 +10,7 @@ retried step reloads what upstream already computed and paid for.
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -80,7 +81,9 @@ def build_dataset_assets(
     )
     store_kind = dataset.store_kind
 
-    def asset(asset_name: str, *inputs: str, resources: set[str], kinds: set[str], **extra: object):  # noqa: ANN202
+    def asset(
+        asset_name: str, *inputs: str, resources: set[str], kinds: set[str], **extra: Any
+    ) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
         return dg.asset(
             name=asset_name,
             key_prefix=[name],
@@ -90,7 +93,7 @@ def build_dataset_assets(
             ins={i: dg.AssetIn(key=dg.AssetKey([name, i])) for i in inputs},
             required_resource_keys=resources,
             kinds=kinds,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
 
     def res(context: dg.AssetExecutionContext) -> DatasetResources:

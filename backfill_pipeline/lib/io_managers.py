@@ -69,10 +69,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None), limit=1
         ).records
-        if records:
-            recorded = records[0].asset_materialization.metadata.get(PATH_METADATA_KEY)
-            if recorded is not None and UPath(recorded.value).exists():
-                return _read(UPath(recorded.value))
+        materialization = records[0].asset_materialization if records else None
+        recorded = materialization.metadata.get(PATH_METADATA_KEY) if materialization else None
+        if recorded is not None and UPath(str(recorded.value)).exists():
+            return _read(UPath(str(recorded.value)))
         raise dg.Failure(
             description=f"no stored result of {asset_key.to_user_string()} for partition {partition}: "
             "materialize it (or the whole graph for this partition) first",

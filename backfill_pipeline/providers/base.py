@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from ..ratelimit import RateSignals
 
 SENIORITY_LEVELS = ("intern", "junior", "mid", "senior", "lead", "executive")
 Seniority = Literal["intern", "junior", "mid", "senior", "lead", "executive"]
@@ -95,7 +98,7 @@ class _Provider:
     model: str
     max_batch_size: int = 2048
     max_batch_tokens: int | None = None
-    last_signals = None  # what the last response said about the rate budget (RateSignals)
+    last_signals: RateSignals | None = None  # what the last response said about the rate budget
 
     def __init__(self) -> None:
         self.usage = Usage()

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, omit
 
 from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
 from ..ratelimit import RateSignals, parse_reset
@@ -129,6 +129,13 @@ def classify(exc: Exception) -> ProviderError:
     return ProviderError(f"{type(exc).__name__}: {exc}", "transient")
 
 
+def _vector(embedding: object) -> np.ndarray:
+    """An embedding as answered: base64 of little-endian float32 (as asked), or a list of floats."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return np.asarray(embedding, dtype=np.float32)
+
+
 class OpenAIEmbeddingProvider(EmbeddingProvider):
     name = "openai"
     max_batch_size = MAX_INPUTS
@@ -151,10 +158,12 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         await _check_model(self.client, self.model, "embedding model")
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        kwargs = {"dimensions": self.dimension} if self._send_dimensions else {}
         try:
             raw = await self.client.embeddings.with_raw_response.create(
-                model=self.model, input=texts, encoding_format="base64", **kwargs
+                model=self.model,
+                input=texts,
+                encoding_format="base64",
+                dimensions=self.dimension if self._send_dimensions else omit,
             )
             response = raw.parse()
         except Exception as exc:  # noqa: BLE001
@@ -163,7 +172,7 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         if len(response.data) != len(texts):
             raise ProviderError(f"asked for {len(texts)} embeddings, got {len(response.data)}", "invalid_output")
         ordered = sorted(response.data, key=lambda d: d.index)
-        vectors = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in ordered])
+        vectors = np.stack([_vector(d.embedding) for d in ordered])
         if response.usage is not None:
             self.usage.input_tokens += response.usage.prompt_tokens
         return vectors

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -77,13 +77,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def encode_skills(value: object) -> str | None:
+def encode_skills(value: str | Iterable[str] | None) -> str | None:
     """Skills as stored in a text/JSON column: a JSON array."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
-    return json.dumps(list(value), ensure_ascii=False)  # type: ignore[call-overload]
+    return json.dumps(list(value), ensure_ascii=False)
 
 
 class RowStore(ABC):

@@ -44,14 +44,14 @@ def column_adapter(rows: PostgresRows, column: str, source: str) -> tuple[str, C
         if vector_kind == "halfvec":
             from pgvector import HalfVector
 
-            return "halfvec", HalfVector
+            return "halfvec", lambda v: HalfVector(v)
         if vector_kind == "real[]":
-            return "float4[]", lambda v: v.tolist()  # type: ignore[attr-defined]
+            return "float4[]", lambda v: v.tolist()
         if vector_kind == "double precision[]":
-            return "float8[]", lambda v: v.astype(np.float64).tolist()  # type: ignore[attr-defined]
+            return "float8[]", lambda v: v.astype(np.float64).tolist()
         if kind.typname in ("jsonb", "json"):
-            return kind.typname, lambda v: Jsonb(_json_floats(v))  # type: ignore[arg-type]
-        return "text", lambda v: json.dumps(_json_floats(v))  # type: ignore[arg-type]
+            return kind.typname, lambda v: Jsonb(_json_floats(v))
+        return "text", lambda v: json.dumps(_json_floats(v))
     if kind.typname in ("timestamptz", "timestamp", "date"):
         return kind.typname, lambda v: datetime.fromisoformat(str(v))
     if source.endswith(":skills"):
