@@ -155,7 +155,7 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
     )
     written = 0
     for event in result.get_asset_materialization_events():
-        mat = event.asset_materialization
+        mat = event.step_materialization_data.materialization
         if mat.asset_key.path[-1] == "written_table":
             written = mat.metadata["rows_written"].value
     return key, result.success, written, time.monotonic() - started, result.run_id

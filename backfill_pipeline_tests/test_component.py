@@ -10,7 +10,6 @@ import textwrap
 from datetime import datetime
 from pathlib import Path
 
-import dagster as dg
 import psycopg
 import pytest
 import yaml
@@ -18,7 +17,7 @@ import yaml
 from backfill_pipeline.config import ConfigError, parse_config
 from backfill_pipeline.demo_data import create_demo_database
 from backfill_pipeline.lib import EmbeddingBackfill, backfill_definitions, job_name
-from backfill_pipeline.partitions import partition_activity, register_partitions
+from backfill_pipeline.partitions import partition_activity
 from backfill_pipeline.stores import open_store
 
 from .conftest import REPO, query, subprocess_env, write_config
@@ -90,38 +89,41 @@ def test_drop_in_defs_yaml_in_a_fresh_project(tmp_path: Path) -> None:
     env = {"DAGSTER_HOME": str(home), "PYTHONPATH": str(project), "VIRTUAL_ENV": str(BIN.parent)}
     env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
-    listed = subprocess.run(
-        [str(BIN / "dg"), "list", "components"], cwd=project, env=subprocess_env(**env), capture_output=True, text=True
-    )
+    def dg_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "dg"), *args],
+            cwd=project,
+            env=subprocess_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    listed = dg_cli("list", "components")
     assert "backfill_pipeline.EmbeddingBackfill" in listed.stdout, listed.stderr[-2000:]
-    checked = subprocess.run(
-        [str(BIN / "dg"), "check", "defs"], cwd=project, env=subprocess_env(**env), capture_output=True, text=True
-    )
+    checked = dg_cli("check", "defs")
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
 
-    # load it in this process as Dagster does, migrate and register as an operator would
-    sys.path.insert(0, str(project))
-    try:
-        defs = dg.load_from_defs_folder(path_within_project=project)
-    finally:
-        sys.path.remove(str(project))
-    assert {k.to_user_string() for k in defs.resolve_all_asset_keys()} >= {"jobs/raw_rows", "jobs/written_table"}
-    config = parse_config({"datasets": {"jobs": _dataset(f"sqlite:///{db}")}})
-    with open_store("jobs", config.datasets["jobs"]) as store:
-        store.migrate()
-        keys = [k for k, _ in partition_activity(store.rows, config.datasets["jobs"])]
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        register_partitions(instance, "jobs", keys)
-
-    other_partition = query(db, "SELECT id, embedding FROM job_postings WHERE id < 100 ORDER BY id")
-    launched = subprocess.run(
-        [str(BIN / "dg"), "launch", "--assets", "group:jobs", "--partition", keys[1]],
+    listed_defs = subprocess.run(
+        [str(BIN / "dg"), "list", "defs", "--json"],
         cwd=project,
         env=subprocess_env(**env),
         capture_output=True,
         text=True,
-        timeout=300,
     )
+    assert '"jobs/raw_rows"' in listed_defs.stdout and '"jobs/written_table"' in listed_defs.stdout, listed_defs.stderr
+
+    # migrate and register as an operator would (in a subprocess: an instance opened in this process would
+    # stay behind in Dagster's process-wide state for later tests)
+    config = parse_config({"datasets": {"jobs": _dataset(f"sqlite:///{db}")}})
+    with open_store("jobs", config.datasets["jobs"]) as store:
+        store.migrate()
+        keys = [k for k, _ in partition_activity(store.rows, config.datasets["jobs"])]
+    add = "import sys, dagster as dg; dg.DagsterInstance.get().add_dynamic_partitions('jobs_partitions', sys.argv[1:])"
+    subprocess.run([sys.executable, "-c", add, *keys], env=subprocess_env(**env), check=True)
+
+    other_partition = query(db, "SELECT id, embedding FROM job_postings WHERE id < 100 ORDER BY id")
+    launched = dg_cli("launch", "--assets", "group:jobs", "--partition", keys[1])
     assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
     done = query(db, "SELECT COUNT(*) FROM job_postings WHERE id BETWEEN 100 AND 199 AND embedding IS NOT NULL")
     todo = query(db, "SELECT COUNT(*) FROM job_postings WHERE id BETWEEN 100 AND 199 AND trim(description) != ''")

@@ -103,7 +103,7 @@ def store_write(url: str, results: pa.Table, batch_size: int, concurrency: int) 
         store.migrate()
         store.check_schema()
         started = time.perf_counter()
-        stats = store.write_results(results, batch_size)
+        stats = store.rows.write_results(results, batch_size)
         return time.perf_counter() - started, stats.rows_written
 
 
