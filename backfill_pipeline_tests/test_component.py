@@ -235,3 +235,15 @@ def test_code_location_needs_a_config_and_says_so(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "config_file is empty: set BACKFILL_CONFIG" in done.stdout + done.stderr
     assert "job_postings" not in done.stdout + done.stderr  # the demo's table was never looked at
+
+
+def test_dg_scaffold_defs_writes_a_valid_example(tmp_path: Path) -> None:
+    project = _user_project(tmp_path / "acme", tmp_path / "unused.sqlite")
+    env = {"PYTHONPATH": str(project), "VIRTUAL_ENV": str(BIN.parent)}
+    args = [str(BIN / "dg"), "scaffold", "defs", "backfill_pipeline.EmbeddingBackfill", "more_postings"]
+    done = subprocess.run(args, cwd=project, env=subprocess_env(**env), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    written = yaml.safe_load((project / "acme_search" / "defs" / "more_postings" / "defs.yaml").read_text())
+    assert written["type"] == "backfill_pipeline.EmbeddingBackfill"
+    config = EmbeddingBackfill(**written["attributes"]).backfill_config()
+    assert config.datasets["jobs"].database_url.env == "JOBS_DATABASE_URL"  # a secret by reference only

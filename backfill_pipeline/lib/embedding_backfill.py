@@ -22,7 +22,25 @@ from pydantic import Field
 from ..config import CONFIG_ENV_VAR, BackfillConfig, ConfigError, load_config, parse_config
 from .factory import backfill_definitions
 
+EXAMPLE_DATASET = {
+    "database_url": {"env": "JOBS_DATABASE_URL"},
+    "table": "jobs",
+    "id_column": "id",
+    "text": {"template": "{title} at {company}\n\n{description}", "required_columns": ["description"]},
+    "embedding": {"provider": "offline", "model": "offline-hash-v1", "dimension": 768},
+    "enrichment": {"enabled": False},
+    "partitioning": {"kind": "id_range", "width": 10000},
+}
 
+
+class EmbeddingBackfillScaffolder(dg.Scaffolder):
+    """`dg scaffold defs backfill_pipeline.EmbeddingBackfill NAME` writes one example dataset to edit."""
+
+    def scaffold(self, request: dg.ScaffoldRequest) -> None:
+        dg.scaffold_component(request, {"datasets": {"jobs": EXAMPLE_DATASET}})
+
+
+@dg.scaffold_with(EmbeddingBackfillScaffolder)
 class EmbeddingBackfill(dg.Component, dg.Resolvable, dg.Model):
     """Backfills and maintains LLM enrichment and embeddings for the rows of database tables.
 
