@@ -227,14 +227,23 @@ def test_dagster_sensor_preview_with_an_env_url(env_url_dataset, tmp_path: Path)
 
 
 def test_code_location_needs_a_config_and_says_so(tmp_path: Path) -> None:
-    """No silent demo: without BACKFILL_CONFIG the code location fails with one sentence naming it."""
-    home = tmp_path / "home"
-    home.mkdir()
+    """At the repository root with nothing set: the local dagster.yaml needs nothing, and without
+    BACKFILL_CONFIG the code location stops with one sentence naming it (no silent demo)."""
     args = [str(BIN / "dagster"), "definitions", "validate", "-m", "backfill_pipeline.definitions"]
-    done = subprocess.run(args, cwd=REPO, env=subprocess_env(DAGSTER_HOME=str(home)), capture_output=True, text=True)
+    done = subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "config_file is empty: set BACKFILL_CONFIG" in done.stdout + done.stderr
-    assert "job_postings" not in done.stdout + done.stderr  # the demo's table was never looked at
+    assert "config_file is empty: set BACKFILL_CONFIG" in out
+    assert "DAGSTER_POSTGRES_URL" not in out  # the production instance config is not read here
+    assert "job_postings" not in out  # the demo's table was never looked at
+
+
+def test_dg_check_defs_at_the_repository_root(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"datasets": {"jobs": _dataset({"env": "JOBS_DATABASE_URL"})}})
+    env = subprocess_env(BACKFILL_CONFIG=str(config), VIRTUAL_ENV=str(BIN.parent))
+    env.pop("JOBS_DATABASE_URL", None)  # loading reads no secret
+    done = subprocess.run([str(BIN / "dg"), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def test_dg_scaffold_defs_writes_a_valid_example(tmp_path: Path) -> None:
