@@ -147,18 +147,22 @@ def _run_config(name: str, force: bool, limit: int | None) -> dict:
 
 
 def _run_partition(config_path: str | None, name: str, key: str, force: bool, limit: int | None) -> tuple:
-    """One partition's run in this process: (key, success, rows written, seconds, run id)."""
+    """One partition's run in this process: (key, status, rows written, seconds, run id), where the status is
+    "ok", "FAILED" or "SKIPPED (held by run …)" when another live run holds the partition."""
     started = time.monotonic()
     job = _job_cache(config_path, name)
     result = job.execute_in_process(
         partition_key=key, instance=_instance(), run_config=_run_config(name, force, limit), raise_on_error=False
     )
-    written = 0
+    written, status = 0, "ok" if result.success else "FAILED"
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
         if mat.asset_key.path[-1] == "written_table":
             written = mat.metadata["rows_written"].value
-    return key, result.success, written, time.monotonic() - started, result.run_id
+        held = mat.metadata.get("held_by_run")
+        if held is not None and result.success:
+            status = f"SKIPPED (held by run {str(held.value)[:8]}, which is still working on it)"
+    return key, status, written, time.monotonic() - started, result.run_id
 
 
 @functools.cache
@@ -199,11 +203,10 @@ def materialize_partitions(
         futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
         results = (f.result() for f in as_completed(futures))
     try:
-        for n, (key, success, written, seconds, run_id) in enumerate(results, 1):
-            status = "ok" if success else "FAILED"
+        for n, (key, status, written, seconds, run_id) in enumerate(results, 1):
             line = f"  [{n}/{len(keys)}] {name} {key}: {status}, {written} rows written in {seconds:.1f}s"
             print(f"{line} (run {run_id[:8]})", flush=True)
-            ok &= success
+            ok &= status == "ok"
     finally:
         if parallel > 1:
             pool.shutdown()

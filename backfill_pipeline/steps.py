@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 from .config import DatasetConfig, ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
 from .engine import CallPolicy, embed_texts, enrich_texts
+from .leases import Lease, held_message
 from .partitions import partition_spec
 from .policy import build_policy
 from .providers.base import EmbeddingProvider, EnrichmentProvider, Usage
@@ -47,36 +47,27 @@ class StepResult:
     metadata: dict[str, Any] = field(default_factory=dict)  # plain values: ints, floats, strings, dicts
 
 
-def read_rows(
-    store: Store,
-    dataset: DatasetConfig,
-    partition_key: str,
-    run_id: str,
-    is_alive: Callable[[str, datetime], bool],
-    log: Log,
-    *,
-    migrate: bool = False,
-) -> StepResult:
+def _skipped(lease: Lease, holder: str, log: Log, table: pa.Table | None, **extra: object) -> StepResult:
+    """A step's result when another live run holds the partition: it says so, and does nothing."""
+    message = held_message(lease.key, holder)
+    log.warning(message)
+    return StepResult(table, {"rows_in": 0, "outcome": "skipped", "skipped": message, "held_by_run": holder, **extra})
+
+
+def read_rows(store: Store, dataset: DatasetConfig, lease: Lease, log: Log, *, migrate: bool = False) -> StepResult:
     """Take the partition's lease and read its rows; a partition held by a live run is skipped."""
     started = time.monotonic()
     if migrate:
         added = store.migrate()
         log.info(f"migration added: {', '.join(added) or 'nothing (schema up to date)'}")
     store.check_schema()
-    part = partition_spec(partition_key, dataset, store.rows)
-    holder = store.ledger.claim_partition(part.key, run_id, is_alive)
-    if holder is not None:
-        message = (
-            f"partition {part.key} is being processed by run {holder}; this run skips it "
-            "(nothing read, no provider called, nothing written)"
-        )
-        log.warning(message)
-        return StepResult(
-            store.rows.raw_schema().empty_table(), {"rows_in": 0, "skipped": message, "held_by_run": holder}
-        )
-    table = store.rows.read_partition(part, dataset.read_batch_size)
+    part = partition_spec(lease.key, dataset, store.rows)
+    with lease.held() as holder:
+        if holder is not None:
+            return _skipped(lease, holder, log, store.rows.raw_schema().empty_table())
+        table = store.rows.read_partition(part, dataset.read_batch_size)
     log.info(f"read {table.num_rows} rows of partition {part.key}")
-    return StepResult(table, {"rows_in": table.num_rows, **timing(started, table.num_rows)})
+    return StepResult(table, {"rows_in": table.num_rows, "outcome": "read", **timing(started, table.num_rows)})
 
 
 def detect_rows(
@@ -141,7 +132,7 @@ def call_provider(
 
 
 def enrich_rows(
-    store_open: Callable[[], Store],
+    lease: Lease,
     dataset: DatasetConfig,
     detected: pa.Table,
     provider: Callable[[], EnrichmentProvider],
@@ -158,7 +149,9 @@ def enrich_rows(
         )
     spec = dataset.enrichment
     texts = todo.column("text").to_pylist()
-    with store_open() as store:
+    with lease.held() as holder, lease.open_store() as store:
+        if holder is not None:
+            return _skipped(lease, holder, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
         outcome, usage = call_provider(
             store,
             dataset,
@@ -186,7 +179,7 @@ def enrich_rows(
 
 
 def embed_rows(
-    store_open: Callable[[], Store],
+    lease: Lease,
     dataset: DatasetConfig,
     detected: pa.Table,
     enrichment: pa.Table,
@@ -207,7 +200,9 @@ def embed_rows(
         )
     spec = dataset.embedding
     texts = embedding_texts(dataset, todo, enrichment)
-    with store_open() as store:
+    with lease.held() as holder, lease.open_store() as store:
+        if holder is not None:
+            return _skipped(lease, holder, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
         outcome, usage = call_provider(
             store,
             dataset,
@@ -243,8 +238,7 @@ def _log_failures(log: Log, stage: str, table: pa.Table) -> None:
 def write_rows(
     store: Store,
     dataset: DatasetConfig,
-    partition_key: str,
-    run_id: str,
+    lease: Lease,
     detected: pa.Table,
     enrichment: pa.Table,
     embeddings: pa.Table,
@@ -256,18 +250,22 @@ def write_rows(
     failures = row_failures(enrichment, embeddings)
     failed = {f.row_id for f in failures}
     succeeded = [i for i in results.column("id").to_pylist() if i not in failed]
-    stats = store.rows.write_results(results, dataset.write_batch_size)
-    store.ledger.record_failures(failures)
-    store.ledger.clear_failures(succeeded)
-    store.ledger.release_partition(partition_key, run_id)
+    with lease.held() as holder:
+        if holder is not None:
+            return _skipped(lease, holder, log, None, rows_written=0)
+        stats = store.rows.write_results(results, dataset.write_batch_size)
+        store.ledger.record_failures(failures)
+        store.ledger.clear_failures(succeeded)
+    lease.release()
     counts = reason_counts(detected)
     by_stage = {stage: sum(1 for f in failures if f.stage == stage) for stage in ("enrichment", "embedding")}
-    summary = partition_summary(partition_key, detected.num_rows, stats.rows_written, counts, by_stage)
+    summary = partition_summary(lease.key, detected.num_rows, stats.rows_written, counts, by_stage)
     log.info(summary)
     return StepResult(
         None,
         {
             "rows_in": detected.num_rows,
+            "outcome": "written",
             "rows_written": stats.rows_written,
             "write_batches": stats.batches,
             "rows_up_to_date": counts.get(Reason.OK.value, 0),

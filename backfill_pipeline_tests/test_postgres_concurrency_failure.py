@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from backfill_pipeline.config import load_config
+from backfill_pipeline.lib import backfill_definitions, job_name
 
 from .conftest import REPO, subprocess_env, write_config
 from .graph_helpers import register
@@ -174,3 +175,34 @@ def test_server_stopped_mid_write_then_retry_completes(tmp_path: Path, monkeypat
 
 def test_production_yaml_is_valid_yaml() -> None:
     assert yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())["storage"]["postgres"]["postgres_url"]["env"]
+
+
+def test_a_lock_held_elsewhere_times_the_write_out_then_the_retry_completes(
+    pgvector_db: str, tmp_path: Path, instance
+) -> None:
+    """Another session holds row locks in the partition: the write waits lock_timeout_seconds, not for ever,
+    fails naming the batch, and a run after the lock is gone writes everything (paid work from the cache)."""
+    _jobs_table(pgvector_db, 120)
+    retry = {"max_retries": 3, "delay_seconds": 0.1}
+    config = load_config(_config(pgvector_db, tmp_path, lock_timeout_seconds=1, write_batch_size=50, retry=retry))
+    migrate(config)
+    key = register(config, "jobs", instance)[0]
+    job = backfill_definitions(config).resolve_job_def(job_name("jobs"))
+    blocker = psycopg.connect(pgvector_db)  # a transaction left open, as a stuck session would
+    try:
+        blocker.execute("SELECT id FROM jobs WHERE id BETWEEN 60 AND 70 FOR UPDATE")
+        started = time.monotonic()
+        failed = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        assert not failed.success and time.monotonic() - started < 60
+        failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+        retried = [e for e in failed.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert len(retried) == 3  # the dataset's retry policy took it (retry: max_retries 3)
+        error, message = failure.event_specific_data.error, ""
+        while error is not None:
+            message, error = message + error.message, error.cause
+        assert "timed out" in message and "lock_timeout_seconds 1" in message and "batch 2 of 3" in message, message
+    finally:
+        blocker.close()
+    done = job.execute_in_process(partition_key=key, instance=instance)
+    assert done.success
+    assert sql(pgvector_db, "SELECT count(*) FROM jobs WHERE embedding IS NOT NULL")[0][0] == 120

@@ -280,6 +280,15 @@ class DatasetConfig(_Model):
         default=3, ge=1, le=16, description="Batches written at once, each on its own connection (Postgres)."
     )
     failure_cooldown_hours: float = Field(default=24.0, ge=0)
+    lock_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="How long a statement waits for a lock another session holds."
+    )
+    statement_timeout_seconds: float = Field(default=900.0, gt=0, description="How long any one statement may run.")
+    lease_seconds: float = Field(
+        default=60.0,
+        ge=2,
+        description="A partition's lease expires when its run has not renewed it for this long (a killed run).",
+    )
     retry: RetrySpec = Field(default_factory=RetrySpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     rate_limiter: RateLimiterSpec = Field(default_factory=RateLimiterSpec)

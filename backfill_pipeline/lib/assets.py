@@ -9,7 +9,6 @@ retried step reloads what upstream already computed and paid for.
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -19,15 +18,14 @@ from pydantic import Field
 from .. import steps
 from ..config import ConfigError, DatasetConfig
 from ..engine import FatalProviderError
+from ..leases import Lease, fresh_within
 from ..stores import SchemaError
-from ..stores.base import utc_now
-from .resources import DatasetResources, ResourceKeys
+from .resources import DatabaseResource, DatasetResources, ResourceKeys
 
 IO_MANAGER_KEY = "parquet_io_manager"
 ASSET_NAMES = ("raw_rows", "detected_placeholders", "llm_enrichment", "embeddings", "written_table")
 EMBEDDING_POOL = "embedding_api"
 ENRICHMENT_POOL = "llm_api"
-LEASE_GRACE = timedelta(hours=1)
 
 
 class RawRowsConfig(dg.Config):
@@ -52,20 +50,20 @@ def fail_without_retry(stage: str) -> Iterator[None]:
         raise dg.Failure(description=f"{stage}: {exc}", allow_retries=False) from None
 
 
-def run_alive(instance: dg.DagsterInstance) -> Callable[[str, datetime], bool]:
-    """Whether the run holding a partition's lease may still be working on it.
+def partition_lease(context: dg.AssetExecutionContext, dataset: DatasetConfig, database: DatabaseResource) -> Lease:
+    """The lease of this run on this partition: alive while renewed, ended early by a finished run."""
 
-    A run this instance knows is alive until it finishes; a run it does not know (another deployment)
-    is trusted for an hour after it took the lease.
-    """
+    def finished(run_id: str) -> bool:
+        run = context.instance.get_run_by_id(run_id)
+        return run is not None and run.is_finished
 
-    def alive(run_id: str, since: datetime) -> bool:
-        run = instance.get_run_by_id(run_id)
-        if run is None:
-            return utc_now() - since < LEASE_GRACE
-        return not run.is_finished
-
-    return alive
+    return Lease(
+        open_store=lambda: database.open(dataset),
+        key=context.partition_key,
+        run_id=context.run.run_id,
+        is_alive=fresh_within(dataset.lease_seconds, finished),
+        seconds=dataset.lease_seconds,
+    )
 
 
 def build_dataset_assets(
@@ -108,16 +106,10 @@ def build_dataset_assets(
         "content hash, model and enrichment, read in batches.",
     )
     def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[pa.Table]:
-        with fail_without_retry("raw_rows"), res(context).database.open(dataset) as store:
-            out = steps.read_rows(
-                store,
-                dataset,
-                context.partition_key,
-                context.run.run_id,
-                run_alive(context.instance),
-                context.log,
-                migrate=config.migrate,
-            )
+        database = res(context).database
+        with fail_without_retry("raw_rows"), database.open(dataset) as store:
+            lease = partition_lease(context, dataset, database)
+            out = steps.read_rows(store, dataset, lease, context.log, migrate=config.migrate)
         return dg.Output(out.table, metadata=out.metadata)
 
     @asset(
@@ -158,7 +150,7 @@ def build_dataset_assets(
         r = res(context)
         with fail_without_retry("enrichment"):
             out = steps.enrich_rows(
-                lambda: r.database.open(dataset),
+                partition_lease(context, dataset, r.database),
                 dataset,
                 detected_placeholders,
                 lambda: r.enrichment_provider(dataset),
@@ -183,7 +175,7 @@ def build_dataset_assets(
         r = res(context)
         with fail_without_retry("embeddings"):
             out = steps.embed_rows(
-                lambda: r.database.open(dataset),
+                partition_lease(context, dataset, r.database),
                 dataset,
                 detected_placeholders,
                 llm_enrichment,
@@ -208,12 +200,12 @@ def build_dataset_assets(
         llm_enrichment: pa.Table,
         embeddings: pa.Table,
     ) -> dg.MaterializeResult:
-        with fail_without_retry("written_table"), res(context).database.open(dataset) as store:
+        database = res(context).database
+        with fail_without_retry("written_table"), database.open(dataset) as store:
             out = steps.write_rows(
                 store,
                 dataset,
-                context.partition_key,
-                context.run.run_id,
+                partition_lease(context, dataset, database),
                 detected_placeholders,
                 llm_enrichment,
                 embeddings,

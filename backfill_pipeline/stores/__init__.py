@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..config import DatasetConfig
@@ -22,6 +23,9 @@ from .base import (
 )
 from .layout import TableLayout
 
+if TYPE_CHECKING:
+    from .postgres_catalog import Timeouts
+
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
@@ -31,9 +35,12 @@ def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Sto
     layout = TableLayout.from_config(name, dataset)
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        return _open_sqlite(layout, url)
+        return _open_sqlite(layout, url, dataset.lock_timeout_seconds)
     if scheme in POSTGRES_SCHEMES:
-        return _open_postgres(layout, url, dataset.write_concurrency)
+        from .postgres_catalog import Timeouts
+
+        timeouts = Timeouts(dataset.lock_timeout_seconds, dataset.statement_timeout_seconds)
+        return _open_postgres(layout, url, dataset.write_concurrency, timeouts)
     what = "an empty value" if not url else f"scheme {scheme!r}" if scheme else "a value with no scheme"
     raise StoreError(
         f"dataset '{name}': the database URL is {what}; expected sqlite:///path or postgresql://…"
@@ -41,16 +48,16 @@ def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Sto
     )
 
 
-def _open_sqlite(layout: TableLayout, url: str) -> Store:
+def _open_sqlite(layout: TableLayout, url: str, lock_timeout: float) -> Store:
     from .sqlite_ledger import SQLiteLedger
     from .sqlite_rows import SQLiteRows, immediate, sqlite_path
 
     path = sqlite_path(url)
     if not path.exists():
         raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist")
-    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=lock_timeout, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=60000")
+    conn.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
     try:
         rows = SQLiteRows(layout, conn, path)
     except StoreError:
@@ -59,15 +66,15 @@ def _open_sqlite(layout: TableLayout, url: str) -> Store:
     return Store(rows, SQLiteLedger(layout.dataset, conn), conn.close, lambda: immediate(conn))
 
 
-def _open_postgres(layout: TableLayout, url: str, write_concurrency: int) -> Store:
+def _open_postgres(layout: TableLayout, url: str, write_concurrency: int, timeouts: Timeouts) -> Store:
     from .postgres_catalog import connect, has_pgvector
     from .postgres_ledger import PostgresLedger
     from .postgres_rows import PostgresRows
 
     url = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    conn = connect(url, layout.dataset)
-    rows = PostgresRows(layout, conn, url, has_pgvector(conn), write_concurrency)
-    ledger = PostgresLedger(layout.dataset, conn, url, layout.target.schema)
+    conn = connect(url, layout.dataset, timeouts)
+    rows = PostgresRows(layout, conn, url, has_pgvector(conn), write_concurrency, timeouts)
+    ledger = PostgresLedger(layout.dataset, conn, url, layout.target.schema, timeouts)
 
     def close() -> None:
         ledger.close()

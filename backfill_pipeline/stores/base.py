@@ -39,6 +39,10 @@ class ConnectionLostError(StoreError):
     """The database went away mid-operation; a retry after it is back completes the work."""
 
 
+class DatabaseTimeoutError(StoreError):
+    """A statement hit lock_timeout or statement_timeout; a retry (after the lock is gone) completes the work."""
+
+
 class MissingColumnsError(SchemaError):
     def __init__(self, dataset: str, table: str, columns: Sequence[str]):
         self.columns = list(columns)
@@ -207,17 +211,21 @@ class Ledger(ABC):
         """Atomically take the lease on ``key`` if free, already ours, or held by ``replace``."""
 
     @abstractmethod
-    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
-        """The run holding the lease on ``key`` and since when, if any."""
+    def lease_holder(self, key: str) -> tuple[str, float] | None:
+        """The run holding the lease on ``key`` and the seconds since it last renewed it, if any."""
+
+    @abstractmethod
+    def renew_lease(self, key: str, run_id: str) -> bool:
+        """Record that ``run_id`` still works on ``key``; False when it no longer holds the lease."""
 
     @abstractmethod
     def release_partition(self, key: str, run_id: str) -> None: ...
 
-    def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, datetime], bool]) -> str | None:
+    def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, float], bool]) -> str | None:
         """Claim the partition for ``run_id``; return ``None`` when claimed, else the live holder's run id.
 
         Two runs of one partition (a UI backfill and the sensor, say) must not both pay for its rows.
-        A lease left by a run that is no longer alive (crashed, failed, finished) is taken over.
+        A lease left by a run that is no longer alive (not renewed in time, or finished) is taken over.
         """
         holder = "unknown"
         for _ in range(3):  # the lease may change hands between our statements; look again
@@ -226,8 +234,8 @@ class Ledger(ABC):
             held = self.lease_holder(key)
             if held is None:
                 continue
-            holder, since = held
-            if is_alive(holder, since):
+            holder, age = held
+            if is_alive(holder, age):
                 return holder
             if self._try_lease(key, run_id, holder):
                 return None

@@ -47,10 +47,25 @@ def clean_error(exc: Exception) -> str:
     return re.sub(r"postgres(?:ql)?://\S+", "postgresql://…", text)
 
 
-def connect(url: str, dataset: str) -> psycopg.Connection:
+@dataclass(frozen=True)
+class Timeouts:
+    """Time limits set on every connection, so a lock held elsewhere cannot hang a step for ever."""
+
+    lock_seconds: float = 30.0
+    statement_seconds: float = 900.0
+
+    @property
+    def options(self) -> str:
+        return (
+            f"-c lock_timeout={int(self.lock_seconds * 1000)} -c statement_timeout={int(self.statement_seconds * 1000)}"
+        )
+
+
+def connect(url: str, dataset: str, timeouts: Timeouts | None = None) -> psycopg.Connection:
     """An autocommit connection, with pgvector's types registered when the extension is there."""
+    options = (timeouts or Timeouts()).options
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=15)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=15, options=options)
     except psycopg.OperationalError as exc:
         raise ConnectionLostError(f"dataset '{dataset}': cannot connect to the database: {clean_error(exc)}") from None
     if has_pgvector(conn):

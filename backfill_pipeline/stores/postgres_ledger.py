@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 from psycopg import sql
 
 from .base import BUDGET_TABLE, CACHE_TABLE, FAILURES_TABLE, LEASES_TABLE, Failure, Ledger, utc_now
 from .layout import TableRef
-from .postgres_catalog import Catalog, connect, identifier
+from .postgres_catalog import Catalog, Timeouts, connect, identifier
 
 _TABLES: dict[str, sql.SQL] = {
     FAILURES_TABLE: sql.SQL(
@@ -36,10 +36,11 @@ _TABLES: dict[str, sql.SQL] = {
 
 
 class PostgresLedger(Ledger):
-    def __init__(self, dataset: str, conn: psycopg.Connection, url: str, schema: str | None):
+    def __init__(self, dataset: str, conn: psycopg.Connection, url: str, schema: str | None, timeouts: Timeouts):
         super().__init__(dataset)
         self.conn = conn
         self.url = url
+        self.timeouts = timeouts
         self.refs = {name: TableRef(name, schema) for name in _TABLES}
         self.failures_table = identifier(self.refs[FAILURES_TABLE])
         self.leases_table = identifier(self.refs[LEASES_TABLE])
@@ -54,7 +55,7 @@ class PostgresLedger(Ledger):
 
     def _side(self) -> psycopg.Connection:
         if self._side_conn is None or self._side_conn.closed:
-            self._side_conn = connect(self.url, self.dataset)
+            self._side_conn = connect(self.url, self.dataset, self.timeouts)
         return self._side_conn
 
     def missing_tables(self) -> list[str]:
@@ -180,14 +181,26 @@ class PostgresLedger(Ledger):
         ).fetchone()
         return row is not None
 
-    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+    def lease_holder(self, key: str) -> tuple[str, float] | None:
+        # the age comes from the database's clock, the one every process shares
         row = self.conn.execute(
-            sql.SQL("SELECT run_id, acquired_at FROM {} WHERE dataset = %s AND partition_key = %s").format(
-                self.leases_table
-            ),
+            sql.SQL(
+                "SELECT run_id, extract(epoch FROM now() - acquired_at)::double precision FROM {} "
+                "WHERE dataset = %s AND partition_key = %s"
+            ).format(self.leases_table),
             [self.dataset, key],
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], float(row[1]))
+
+    def renew_lease(self, key: str, run_id: str) -> bool:
+        # acquired_at holds the last renewal: a lease is as fresh as its holder's last sign of life
+        cursor = self.conn.execute(
+            sql.SQL(
+                "UPDATE {} SET acquired_at = now() WHERE dataset = %s AND partition_key = %s AND run_id = %s"
+            ).format(self.leases_table),
+            [self.dataset, key, run_id],
+        )
+        return cursor.rowcount == 1
 
     def release_partition(self, key: str, run_id: str) -> None:
         self.conn.execute(

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from .base import PartitionSpec, RowStore, SchemaError, WriteStats
 from .layout import TableLayout
-from .postgres_catalog import Catalog, ColumnType, identifier
+from .postgres_catalog import Catalog, ColumnType, Timeouts, identifier
 from .postgres_writes import write_results
 
 SKILLS_TYPES = ("jsonb", "json", "_text", "_varchar", "text", "varchar")
@@ -37,10 +37,19 @@ def decode_vector(text: str | None) -> np.ndarray | None:
 
 
 class PostgresRows(RowStore):
-    def __init__(self, layout: TableLayout, conn: psycopg.Connection, url: str, pgvector: bool, concurrency: int):
+    def __init__(
+        self,
+        layout: TableLayout,
+        conn: psycopg.Connection,
+        url: str,
+        pgvector: bool,
+        concurrency: int,
+        timeouts: Timeouts,
+    ):
         super().__init__(layout)
         self.conn = conn
         self.url = url
+        self.timeouts = timeouts
         self.has_pgvector = pgvector
         self.write_concurrency = concurrency
         self.catalog = Catalog(conn)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .base import ConnectionLostError, StoreError, WriteStats, encode_skills
+from .base import ConnectionLostError, DatabaseTimeoutError, StoreError, WriteStats, encode_skills
 from .postgres_catalog import clean_error, connect
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def write_results(rows: PostgresRows, results: pa.Table, batch_size: int) -> Wri
             return cursor.rowcount
 
     workers = min(rows.write_concurrency, len(batches))
-    connections = [rows.conn] + [connect(rows.url, lay.dataset) for _ in range(workers - 1)]
+    connections = [rows.conn] + [connect(rows.url, lay.dataset, rows.timeouts) for _ in range(workers - 1)]
     lock = threading.Lock()
     pending = iter(batches)
     failure: list[tuple[int, int, int, Exception]] = []
@@ -154,6 +154,13 @@ def write_results(rows: PostgresRows, results: pa.Table, batch_size: int) -> Wri
     if failure:
         number, start, stop, exc = failure[0]
         where = f"batch {number} of {len(batches)} (row ids {ids[start]}..{ids[stop - 1]})"
+        if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+            raise DatabaseTimeoutError(
+                f"dataset '{lay.dataset}': writing {where} timed out ({clean_error(exc)}; lock_timeout_seconds "
+                f"{rows.timeouts.lock_seconds:g}, statement_timeout_seconds {rows.timeouts.statement_seconds:g}). "
+                f"That batch was rolled back; {stats.rows_written} rows of other batches are committed. "
+                "Another session holds a lock on these rows, or the write is slow; the retry picks the rest up."
+            ) from None
         if isinstance(exc, psycopg.OperationalError):
             raise ConnectionLostError(
                 f"dataset '{lay.dataset}': lost the database connection while writing {where}: {clean_error(exc)}. "

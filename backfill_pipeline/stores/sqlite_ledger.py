@@ -144,12 +144,20 @@ class SQLiteLedger(Ledger):
         ).fetchone()
         return row is not None
 
-    def lease_holder(self, key: str) -> tuple[str, datetime] | None:
+    def lease_holder(self, key: str) -> tuple[str, float] | None:
         row = self.conn.execute(
             f"SELECT run_id, acquired_at FROM {LEASES_TABLE} WHERE dataset = ? AND partition_key = ?",
             [self.dataset, key],
         ).fetchone()
-        return None if row is None else (row[0], datetime.fromisoformat(row[1]))
+        return None if row is None else (row[0], (utc_now() - datetime.fromisoformat(row[1])).total_seconds())
+
+    def renew_lease(self, key: str, run_id: str) -> bool:
+        # acquired_at holds the last renewal: a lease is as fresh as its holder's last sign of life
+        cursor = self.conn.execute(
+            f"UPDATE {LEASES_TABLE} SET acquired_at = ? WHERE dataset = ? AND partition_key = ? AND run_id = ?",
+            [utc_now().isoformat(), self.dataset, key, run_id],
+        )
+        return cursor.rowcount == 1
 
     def release_partition(self, key: str, run_id: str) -> None:
         self.conn.execute(
