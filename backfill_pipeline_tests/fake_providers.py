@@ -244,6 +244,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return json.loads(self.rfile.read(length) or b"{}")
 
+    def _refused(self, gemini: bool) -> str:
+        """The 401 message as the real APIs word it: OpenAI's quotes the start and end of the key sent."""
+        if gemini:
+            return "API key not valid. Please pass a valid API key."
+        sent = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        return f"Incorrect API key provided: {sent[:8]}{'*' * max(len(sent) - 12, 0)}{sent[-4:]}."
+
     def _authorised(self, gemini: bool) -> bool:
         if gemini:
             return self.headers.get("x-goog-api-key") == GEMINI_KEY
@@ -271,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
         gemini = self.path.startswith("/v1beta/")
         model = self.path.rsplit("/", 1)[-1]
         if not self._authorised(gemini):
-            return self._error("models", 401, "Incorrect API key provided", gemini)
+            return self._error("models", 401, self._refused(gemini), gemini)
         if model not in self.server_ref.models:
             return self._error("models", 404, f"The model '{model}' does not exist", gemini)
         self._record("models", 200)
@@ -300,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             for text in texts:
                 server.stats.texts_asked[(route, _hash(text))] += 1
         if not self._authorised(gemini):
-            self._error(route, 401, "Incorrect API key provided", gemini)
+            self._error(route, 401, self._refused(gemini), gemini)
             return None
         if model not in server.models:
             self._error(route, 404, f"The model '{model}' does not exist", gemini)

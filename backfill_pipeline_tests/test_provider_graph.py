@@ -170,6 +170,26 @@ def test_secrets_never_reach_logs_or_metadata(demo_db, tmp_path, monkeypatch, se
     assert OPENAI_KEY not in text and OPENAI_KEY[:12] not in text
 
 
+def test_a_refused_key_is_masked_where_the_error_is_shown(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    """OpenAI's 401 quotes the start and end of the key sent; none of it reaches a log or a failure."""
+    _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
+    wrong = "sk-proj-WRONGkey7f3a9c1e5b2d4680"
+    monkeypatch.setenv("OPENAI_API_KEY", wrong)
+    key = register(config, "jobs", instance)[0]
+    result = (
+        backfill_definitions(config)
+        .resolve_job_def("jobs_backfill_job")
+        .execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "Incorrect API key provided: ***" in failure.event_specific_data.error.message
+    logged = "\n".join(str(r) for r in instance.all_logs(result.run_id))
+    for fragment in (wrong, wrong[:8], wrong[-4:], "WRONGkey"):
+        assert fragment not in logged
+    assert server.count("chat", 200) == 0 and server.count("embeddings", 200) == 0
+
+
 def test_missing_key_fails_the_step_clearly_without_calls(demo_db, tmp_path, monkeypatch, server, instance) -> None:
     _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
     monkeypatch.setenv("OPENAI_API_KEY", "")

@@ -19,6 +19,7 @@ from ..cache import NullCache, ResultCache
 from ..config import ProviderRetrySpec
 from ..providers.base import EmbeddingProvider, EnrichmentProvider, ProviderError
 from ..ratelimit import LocalBudget, RateLimiter, RateLimitSpec
+from ..redact import mask_secrets
 
 ProgressFn = Callable[[int, int], None]
 
@@ -55,7 +56,8 @@ def error_class(exc: BaseException) -> str:
 
 
 def error_message(exc: BaseException, limit: int = 1000) -> str:
-    text = str(exc) or type(exc).__name__
+    """The error's words as stored and logged: key-like text masked, cut to ``limit`` characters."""
+    text = mask_secrets(str(exc) or type(exc).__name__)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -108,7 +110,7 @@ async def call_with_retries(
                 policy.limiter.on_success(provider.last_signals, tokens)
                 return answer, attempt
         if error.kind == "fatal":
-            raise FatalProviderError(f"{provider.name} {provider.model}: {error}") from None
+            raise FatalProviderError(f"{provider.name} {provider.model}: {error_message(error)}") from None
         if error.kind == "rate_limit":
             provider.usage.rate_limited += 1
             policy.limiter.on_rate_limited(error.retry_after)

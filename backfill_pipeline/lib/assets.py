@@ -19,6 +19,7 @@ from .. import steps
 from ..config import ConfigError, DatasetConfig
 from ..engine import FatalProviderError
 from ..leases import Lease, fresh_within
+from ..redact import mask_secrets
 from ..stores import SchemaError
 from .resources import DatabaseResource, DatasetResources, ResourceKeys
 
@@ -47,7 +48,7 @@ def fail_without_retry(stage: str) -> Iterator[None]:
     try:
         yield
     except (SchemaError, ConfigError, FatalProviderError) as exc:
-        raise dg.Failure(description=f"{stage}: {exc}", allow_retries=False) from None
+        raise dg.Failure(description=mask_secrets(f"{stage}: {exc}"), allow_retries=False) from None
 
 
 def partition_lease(context: dg.AssetExecutionContext, dataset: DatasetConfig, database: DatabaseResource) -> Lease:

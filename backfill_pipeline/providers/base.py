@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..redact import mask_secrets
+
 if TYPE_CHECKING:
     from ..ratelimit import RateSignals
 
@@ -86,7 +88,7 @@ class ProviderError(Exception):
     kind: str = "permanent"
 
     def __init__(self, message: str, kind: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
+        super().__init__(mask_secrets(message))  # APIs quote keys in their errors; never keep them
         if kind:
             self.kind = kind
         self.retry_after = retry_after
