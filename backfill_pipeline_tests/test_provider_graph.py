@@ -244,10 +244,12 @@ def test_budget_holds_across_processes(demo_db, tmp_path, monkeypatch, server, b
     accepted = sorted(t for t, route, *_ in server.stats.accepted_at if route == "chat")
     assert len(accepted) > 100
     assert server.count("chat", 429) <= 2  # the server's own count
-    # in any 1-second window at most rate * 1s + rate * burst + 1 requests (GCRA): 20 + 10 + 1, both processes
+    # in any 1-second window at most rate * 1s + rate * burst + 1 requests (GCRA): 20 + 10 + 1, both processes.
+    # The budget spaces the reservations; the server sees arrivals, which a busy 2-core machine can delay by
+    # a scheduling slice and bunch: allow 0.25 s of that transit jitter (5 requests at 20/s), no more.
     for i, t in enumerate(accepted):
         window = [u for u in accepted[i : i + 60] if u - t < 1.0]
-        assert len(window) <= 20 + 10 + 1
+        assert len(window) <= 20 + 10 + 1 + 5
 
 
 def test_without_a_shared_budget_the_server_pushes_back(demo_db, tmp_path, monkeypatch, server) -> None:
