@@ -35,7 +35,7 @@ from .results import (
     merge_results,
     row_failures,
 )
-from .stores import Store
+from .stores import SchemaError, Store
 
 T = TypeVar("T")
 P = TypeVar("P", EmbeddingProvider, EnrichmentProvider)
@@ -54,6 +54,20 @@ def _skipped(lease: Lease, holder: str, log: Log, table: pa.Table | None, **extr
     return StepResult(table, {"rows_in": 0, "outcome": "skipped", "skipped": message, "held_by_run": holder, **extra})
 
 
+def check_unique_ids(raw: pa.Table, id_column: str, key: str, dataset: str) -> None:
+    """Results are written by id: an id naming two rows would give both one row's results. Found before
+    anything is paid for."""
+    counts = pc.value_counts(raw.column("id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0]
+        raise SchemaError(
+            f"dataset '{dataset}': id column {id_column} is not unique: id {example['values']} appears "
+            f"{example['counts']} times in partition {key} ({len(repeated)} ids repeat); results are written by id, "
+            "so each id must name one row (use a unique column as id_column)"
+        )
+
+
 def read_rows(store: Store, dataset: DatasetConfig, lease: Lease, log: Log, *, migrate: bool = False) -> StepResult:
     """Take the partition's lease and read its rows; a partition held by a live run is skipped."""
     started = time.monotonic()
@@ -66,6 +80,7 @@ def read_rows(store: Store, dataset: DatasetConfig, lease: Lease, log: Log, *, m
         if holder is not None:
             return _skipped(lease, holder, log, store.rows.raw_schema().empty_table())
         table = store.rows.read_partition(part, dataset.read_batch_size)
+        check_unique_ids(table, dataset.id_column, lease.key, store.layout.dataset)
     log.info(f"read {table.num_rows} rows of partition {part.key}")
     return StepResult(table, {"rows_in": table.num_rows, "outcome": "read", **timing(started, table.num_rows)})
 

@@ -19,11 +19,12 @@ import pyarrow as pa
 from psycopg import sql
 
 from .base import PartitionSpec, RowStore, SchemaError, WriteStats
-from .layout import TableLayout
+from .layout import TableLayout, TableRef
 from .postgres_catalog import Catalog, ColumnType, Timeouts, identifier
 from .postgres_writes import write_results
 
 SKILLS_TYPES = ("jsonb", "json", "_text", "_varchar", "text", "varchar")
+INTEGER_TYPES = ("int2", "int4", "int8")
 
 
 def decode_vector(text: str | None) -> np.ndarray | None:
@@ -98,6 +99,18 @@ class PostgresRows(RowStore):
                 f"{where} is {emb.formatted} but embedding.dimension is {lay.dimension}; set "
                 f"embedding.dimension to {emb.dimension} or change the column's type"
             )
+        id_type = self.catalog.columns(lay.source)[lay.id_column]
+        if id_type.typname not in INTEGER_TYPES:
+            raise SchemaError(
+                f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} has type {id_type.formatted}; "
+                "partitions by id range need an integer column (smallint, integer or bigint)"
+            )
+        if lay.separate and not self._unique(lay.target, lay.target_id_column):
+            raise SchemaError(
+                f"dataset '{lay.dataset}': column {lay.target}.{lay.target_id_column} has no primary key or unique "
+                "index; results are upserted by it, so add one (e.g. ALTER TABLE … ADD PRIMARY KEY "
+                f"({lay.target_id_column}))"
+            )
         skills = lay.skills_column
         if skills is not None:
             kind = self.target_columns()[skills]
@@ -106,6 +119,15 @@ class PostgresRows(RowStore):
                     f"dataset '{lay.dataset}': column {lay.target.name}.{skills} has type {kind.formatted}; "
                     "skills need jsonb, json, text[] or text"
                 )
+
+    def _unique(self, table: TableRef, column: str) -> bool:
+        """Whether a unique index (or the primary key) covers exactly ``column`` of ``table``."""
+        row = self.conn.execute(
+            "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+            "WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indnatts = 1 AND a.attname = %s",
+            [identifier(table).as_string(self.conn), column],
+        ).fetchone()
+        return row is not None
 
     def _result_column_type(self, column: str) -> str:
         lay = self.layout

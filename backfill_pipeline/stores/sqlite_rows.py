@@ -90,6 +90,22 @@ class SQLiteRows(RowStore):
             return [f"{lay.target} (table)"]
         return [f"{lay.target}.{c}" for c in lay.result_columns if c not in target_cols]
 
+    def check_columns(self) -> None:
+        lay = self.layout
+        if lay.separate and not self._unique(lay.target.name, lay.target_id_column):
+            raise SchemaError(
+                f"dataset '{lay.dataset}': column {lay.target}.{lay.target_id_column} has no primary key or unique "
+                "index; results are upserted by it, so add one"
+            )
+
+    def _unique(self, table: str, column: str) -> bool:
+        """Whether ``column`` alone is the primary key of ``table`` or has a unique index."""
+        primary = [r[1] for r in self.conn.execute(f"PRAGMA table_info({quote(table)})") if r[5]]
+        if primary == [column]:
+            return True
+        unique = [r[1] for r in self.conn.execute(f"PRAGMA index_list({quote(table)})") if r[2]]
+        return any([r[2] for r in self.conn.execute(f"PRAGMA index_info({quote(i)})")] == [column] for i in unique)
+
     def add_missing_columns(self) -> None:
         lay = self.layout
         existing = table_columns(self.conn, lay.target.name)
@@ -150,6 +166,12 @@ class SQLiteRows(RowStore):
         cursor = self.conn.execute(sql, params)
         while rows := cursor.fetchmany(batch_size):
             columns = list(zip(*rows, strict=True))
+            odd = next((i for i in columns[0] if not isinstance(i, int)), None)
+            if odd is not None:
+                raise SchemaError(
+                    f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} holds {odd!r}; partitions by "
+                    "id range need integer ids"
+                )
             arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
             arrays += [pa.array([None if v is None else str(v) for v in c], pa.string()) for c in columns[2:emb_at]]
             arrays.append(self.vector_column(columns[0], columns[emb_at], decode_vector))

@@ -1,0 +1,99 @@
+"""Keys are checked before anything is paid for: a clear error naming the column and an example id."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from backfill_pipeline.config import parse_config
+from backfill_pipeline.lib import backfill_definitions, job_name
+from backfill_pipeline.stores import PartitionSpec, SchemaError, open_store
+
+from .graph_helpers import register
+
+
+def _config(url: str, **extra: object):
+    dataset = {"database_url": url, "table": "docs", "text": {"columns": ["body"]}, "embedding": {"dimension": 8}}
+    return parse_config({"datasets": {"docs": {**dataset, **extra}}})
+
+
+def _sqlite(tmp_path: Path, create: str, rows: list[tuple]) -> str:
+    conn = sqlite3.connect(tmp_path / "docs.sqlite")
+    conn.execute(create)
+    conn.executemany("INSERT INTO docs (id, body) VALUES (?, ?)", rows)
+    conn.commit()
+    conn.close()
+    return f"sqlite:///{tmp_path / 'docs.sqlite'}"
+
+
+def test_a_repeated_id_fails_the_partition_before_any_provider_call(tmp_path: Path, instance) -> None:
+    url = _sqlite(tmp_path, "CREATE TABLE docs (id INTEGER, body TEXT)", [(1, "a"), (2, "b"), (2, "c"), (3, "d")])
+    config = _config(url)
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+    key = register(config, "docs", instance)[0]
+    job = backfill_definitions(config).resolve_job_def(job_name("docs"))
+    result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "docs__raw_rows"  # nothing after the read ran: nothing paid, nothing written
+    message = failure.event_specific_data.error.message
+    assert "id column id is not unique: id 2 appears 2 times" in message, message
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # retrying cannot help
+    conn = sqlite3.connect(tmp_path / "docs.sqlite")
+    assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL").fetchone()[0] == 0
+
+
+def test_a_text_id_in_sqlite_is_named(tmp_path: Path) -> None:
+    url = _sqlite(tmp_path, "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT)", [("abc123", "a")])
+    config = _config(url)
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+        with pytest.raises(SchemaError, match=r"id column docs.id holds 'abc123'; partitions by id range"):
+            store.rows.read_partition(PartitionSpec(key="all"))
+
+
+def test_a_separate_target_without_a_unique_id_is_refused_on_sqlite(tmp_path: Path) -> None:
+    url = _sqlite(tmp_path, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)", [(1, "a")])
+    conn = sqlite3.connect(tmp_path / "docs.sqlite")
+    conn.execute(
+        "CREATE TABLE doc_vectors (doc_id INTEGER, embedding TEXT, content_hash TEXT, embedding_model TEXT, "
+        "embedded_at TEXT)"
+    )
+    conn.commit()
+    conn.close()
+    config = _config(url, target={"mode": "table", "table": "doc_vectors", "id_column": "doc_id"})
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+        with pytest.raises(SchemaError, match="doc_vectors.doc_id has no primary key or unique index"):
+            store.check_schema()
+
+
+@pytest.mark.parametrize("case", ["numeric_id", "target_without_key"])
+def test_postgres_keys_are_checked_with_the_schema(pg_db, case: str) -> None:
+    url, schema = pg_db
+    id_type = "numeric(12, 2)" if case == "numeric_id" else "bigint"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".docs (id {id_type} PRIMARY KEY, body text)')
+        ids = (1.5, 1.25) if case == "numeric_id" else (1, 2)
+        conn.execute(f'INSERT INTO "{schema}".docs VALUES (%s, %s), (%s, %s)', [ids[0], "a", ids[1], "b"])
+        conn.execute(
+            f'CREATE TABLE "{schema}".doc_vectors (doc_id bigint, embedding real[], content_hash text, '
+            "embedding_model text, embedded_at timestamptz)"
+        )
+    extra: dict = {"schema": schema}
+    if case == "target_without_key":
+        extra["target"] = {"mode": "table", "table": "doc_vectors", "schema": schema, "id_column": "doc_id"}
+    config = _config(url, **extra)
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+        expected = (
+            r"id column .*docs.id has type numeric\(12,2\); partitions by id range need an integer column"
+            if case == "numeric_id"
+            else "doc_vectors.doc_id has no primary key or unique index"
+        )
+        with pytest.raises(SchemaError, match=expected):
+            store.check_schema()
