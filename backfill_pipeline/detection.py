@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import DatasetConfig
-from .rows import enrichment_col
+from .rows import EMBEDDING_ERROR, enrichment_col
 from .text import content_hash, render_column
 
 
@@ -23,6 +23,7 @@ class Reason(str, Enum):
     OK = "ok"
     NO_TEXT = "no_text"
     NULL_EMBEDDING = "null_embedding"
+    UNREADABLE = "unreadable_embedding"
     NON_FINITE = "non_finite"
     PLACEHOLDER_ZERO = "placeholder_zero"
     PLACEHOLDER_CONSTANT = "placeholder_constant"
@@ -113,6 +114,8 @@ def detect(
     hashes = [content_hash(t) for t in texts]
     present_np = np.asarray(present, dtype=bool)
     reasons = classify_vectors(raw.column("embedding"), dataset.embedding.dimension)
+    if EMBEDDING_ERROR in raw.column_names:  # a stored value that is no list of numbers: re-embed it
+        reasons[raw.column(EMBEDDING_ERROR).is_valid().to_numpy(zero_copy_only=False)] = Reason.UNREADABLE.value
 
     stored_hash = np.asarray(raw.column("content_hash").to_pylist(), dtype=object)
     stored_model = np.asarray(raw.column("model").to_pylist(), dtype=object)

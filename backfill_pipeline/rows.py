@@ -7,6 +7,7 @@ one ``enrichment:<field>`` per enrichment field (as stored, for the "missing" te
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 TEXT_PREFIX = "text:"
 ENRICHMENT_PREFIX = "enrichment:"
+EMBEDDING_ERROR = "embedding_error"
 
 
 def text_col(name: str) -> str:
@@ -22,6 +24,21 @@ def text_col(name: str) -> str:
 
 def enrichment_col(name: str) -> str:
     return ENRICHMENT_PREFIX + name
+
+
+def parse_float_list(body: str) -> np.ndarray:
+    """``'1, 2.5, -3'`` as float32; ValueError for anything else (null, strings, nested arrays, objects)."""
+    if not body.strip():
+        return np.zeros(0, dtype=np.float32)
+    try:
+        with warnings.catch_warnings():  # numpy warns, and stops, at the first value it cannot parse
+            warnings.simplefilter("ignore", DeprecationWarning)
+            values = np.fromstring(body, sep=",", dtype=np.float32)
+    except ValueError:
+        values = np.zeros(0, dtype=np.float32)
+    if len(values) != body.count(",") + 1:
+        raise ValueError(f"not a list of numbers: {body[:60]!r}")
+    return values
 
 
 def vector_array(vectors: Sequence[np.ndarray | None]) -> pa.ListArray:
@@ -56,4 +73,5 @@ def raw_schema(
         pa.field("model", pa.string()),
     ]
     fields += [pa.field(enrichment_col(f), pa.string()) for f in enrichment_fields]
+    fields.append(pa.field(EMBEDDING_ERROR, pa.string()))  # why a stored value could not be read, if so
     return pa.schema(fields)

@@ -10,7 +10,7 @@ import pytest
 
 from backfill_pipeline.config import parse_config
 from backfill_pipeline.detection import Reason, apply_limit, classify_vectors, detect, reason_counts
-from backfill_pipeline.rows import enrichment_col, raw_schema, text_col, vector_array
+from backfill_pipeline.rows import EMBEDDING_ERROR, enrichment_col, parse_float_list, raw_schema, text_col, vector_array
 from backfill_pipeline.text import content_hash, render_text
 
 DIM = 8
@@ -94,6 +94,7 @@ def _raw(rows: list[dict]) -> pa.Table:
     }
     for f in ("skills", "seniority", "summary"):
         columns[enrichment_col(f)] = [r.get(f, "x" if r.get("enriched", True) else None) for r in rows]
+    columns[EMBEDDING_ERROR] = [r.get("unreadable") for r in rows]
     return pa.table(columns, schema=schema)
 
 
@@ -166,3 +167,26 @@ def test_detection_is_consistent_across_sizes(n: int) -> None:
     vecs = [np.array([0.414 + 0.001 * k for k in range(384)]) if i % 2 else unit() for i in range(n)]
     reasons = classify_vectors(vector_array(vecs), DIM)
     assert list(reasons) == ["placeholder_sequential" if i % 2 else "ok" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "body", ['"abc"', '{"a": 1}', "[1, 2], [3, 4]", "1,null,2", '"NaN"', "1,,2", "1, two, 3", '"1.0", "2.0"']
+)
+def test_what_is_no_list_of_numbers_is_refused(body: str) -> None:
+    with pytest.raises(ValueError, match="not a list of numbers"):
+        parse_float_list(body)
+
+
+def test_lists_of_numbers_are_read_exactly() -> None:
+    assert parse_float_list(" 0.5, -1e-3,2 ").tolist() == pytest.approx([0.5, -0.001, 2.0])
+    assert parse_float_list("").tolist() == []
+    assert np.isnan(parse_float_list("1, NaN")[1])  # unquoted NaN is a number: non_finite, not unreadable
+
+
+def test_an_unreadable_stored_value_is_a_reason_of_its_own() -> None:
+    config = _config()
+    ok = {"id": 2, "embedding": unit(), "hash": _current_hash(), "model": "m1"}
+    raw = _raw([{"id": 1, "unreadable": "not a list of numbers: '\"abc\"'"}, ok])
+    detected = detect(raw, config)
+    assert detected.column("reason").to_pylist() == [Reason.UNREADABLE.value, Reason.OK.value]
+    assert detected.column("needs_embedding").to_pylist() == [True, False]

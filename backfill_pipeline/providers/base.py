@@ -31,6 +31,16 @@ class Enrichment(BaseModel):
     seniority: Seniority
     summary: str = Field(min_length=1, max_length=2000)
 
+    @field_validator("skills", "seniority", "summary", mode="before")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        """NUL is no character a text column holds (Postgres rejects the whole batch): drop it from answers."""
+        if isinstance(value, str):
+            return value.replace("\x00", "")
+        if isinstance(value, list):
+            return [v.replace("\x00", "") if isinstance(v, str) else v for v in value]
+        return value
+
     @field_validator("skills")
     @classmethod
     def _clean_skills(cls, value: list[str]) -> list[str]:

@@ -125,19 +125,22 @@ class RowStore(ABC):
     def raw_schema(self) -> pa.Schema:
         return raw_schema(self.layout.text_fields, self.layout.enrichment_fields)
 
-    def vector_column(
-        self, ids: Sequence[object], values: Sequence[object], decode: Callable[[Any], np.ndarray | None]
-    ) -> pa.Array:
-        """The stored embeddings of a batch as a list<float32> column; a value that is no array is named."""
-        vectors = []
-        for row_id, value in zip(ids, values, strict=True):
+    @staticmethod
+    def vector_columns(
+        values: Sequence[object], decode: Callable[[Any], np.ndarray | None]
+    ) -> tuple[pa.Array, pa.Array]:
+        """The stored embeddings of a batch as a list<float32> column, and why a value could not be read
+        (null when it could): one unreadable row is re-embedded, it never fails the partition."""
+        vectors: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for value in values:
             try:
                 vectors.append(decode(value))
+                errors.append(None)
             except ValueError as exc:
-                raise StoreError(
-                    f"dataset '{self.layout.dataset}', row id {row_id}, column {self.layout.embedding_column}: {exc}"
-                ) from None
-        return vector_array(vectors)
+                vectors.append(None)
+                errors.append(str(exc))
+        return vector_array(vectors), pa.array(errors, pa.string())
 
     @abstractmethod
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:

@@ -18,6 +18,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from ..rows import parse_float_list
 from .base import PartitionSpec, RowStore, SchemaError, WriteStats
 from .layout import TableLayout, TableRef
 from .postgres_catalog import Catalog, ColumnType, Timeouts, identifier
@@ -34,7 +35,7 @@ def decode_vector(text: str | None) -> np.ndarray | None:
     body = text.strip()
     if len(body) < 2 or body[0] not in "[{" or body[-1] not in "]}":
         raise ValueError(f"not an array: {body[:40]!r}")
-    return np.fromstring(body[1:-1], sep=",", dtype=np.float32)
+    return parse_float_list(body[1:-1])
 
 
 class PostgresRows(RowStore):
@@ -239,8 +240,10 @@ class PostgresRows(RowStore):
                 columns = list(zip(*rows, strict=True))
                 arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
                 arrays += [pa.array(c, pa.string()) for c in columns[2:emb_at]]
-                arrays.append(self.vector_column(columns[0], columns[emb_at], decode_vector))
+                vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
+                arrays.append(vectors)
                 arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 :]]
+                arrays.append(errors)
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:

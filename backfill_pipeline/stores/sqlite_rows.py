@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
+from ..rows import parse_float_list
 from .base import PartitionSpec, RowStore, SchemaError, StoreError, WriteStats, encode_skills
 from .layout import TableLayout
 
@@ -61,7 +62,7 @@ def decode_vector(value: object) -> np.ndarray | None:
     text = str(value).strip()
     if not text.startswith("[") or not text.endswith("]"):
         raise ValueError(f"embedding is neither a JSON array nor a float32 blob: {text[:40]!r}")
-    return np.fromstring(text[1:-1], sep=",", dtype=np.float32)
+    return parse_float_list(text[1:-1])
 
 
 class SQLiteRows(RowStore):
@@ -174,9 +175,11 @@ class SQLiteRows(RowStore):
                 )
             arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
             arrays += [pa.array([None if v is None else str(v) for v in c], pa.string()) for c in columns[2:emb_at]]
-            arrays.append(self.vector_column(columns[0], columns[emb_at], decode_vector))
+            vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
+            arrays.append(vectors)
             arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 : emb_at + 3]]
             arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in columns[emb_at + 3 :]]
+            arrays.append(errors)
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
