@@ -35,7 +35,7 @@ from .results import (
     merge_results,
     row_failures,
 )
-from .stores import SchemaError, Store
+from .stores import Failure, SchemaError, Store
 
 T = TypeVar("T")
 P = TypeVar("P", EmbeddingProvider, EnrichmentProvider)
@@ -269,8 +269,11 @@ def write_rows(
         if holder is not None:
             return _skipped(lease, holder, log, None, rows_written=0)
         stats = store.rows.write_results(results, dataset.write_batch_size)
-        store.ledger.record_failures(failures)
-        store.ledger.clear_failures(succeeded)
+        rejected = [Failure(row_id, "write", "rejected_by_database", message) for row_id, message in stats.rejected]
+        for failure in rejected:
+            log.warning(f"write failed for row id {failure.row_id}: {failure.message}")
+        store.ledger.record_failures(failures + rejected)
+        store.ledger.clear_failures(sorted(set(succeeded) - {f.row_id for f in rejected}, key=str))
     lease.release()
     counts = reason_counts(detected)
     by_stage = {stage: sum(1 for f in failures if f.stage == stage) for stage in ("enrichment", "embedding")}
@@ -289,6 +292,7 @@ def write_rows(
             "rows_deferred": counts.get(Reason.DEFERRED.value, 0),
             "rows_enrichment_failed": by_stage["enrichment"],
             "rows_embedding_failed": by_stage["embedding"],
+            "rows_write_rejected": len(stats.rejected),
             "summary": summary,
             **timing(started, stats.rows_written),
         },

@@ -82,3 +82,56 @@ def test_nul_characters_never_reach_the_cache_or_the_table(field: str) -> None:
     answer[field] = ["Py\x00thon", "SQL"] if field == "skills" else ("sen\x00ior" if field == "seniority" else "A\x00B")
     cleaned = Enrichment.model_validate(answer)
     assert "\x00" not in cleaned.model_dump_json()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_row_the_database_refuses_is_recorded_and_the_rest_of_its_batch_written(
+    backend: str, tmp_path: Path, instance, request
+) -> None:
+    """A constraint refuses one row's values: the batch is split until that row is found; it is recorded in
+    the failures table with the database's words, and every other row of the batch is written."""
+    check = "CHECK (embedding_model IS NULL OR id <> 7)"
+    if backend == "sqlite":
+        db = tmp_path / "docs.sqlite"
+        conn = sqlite3.connect(db)
+        conn.execute(
+            "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT, embedding TEXT, content_hash TEXT, "
+            f"embedding_model TEXT, embedded_at TEXT, {check})"
+        )
+        conn.executemany("INSERT INTO docs (id, body) VALUES (?, ?)", [(i, f"text {i}") for i, *_ in _rows()])
+        conn.commit()
+        conn.close()
+        config = _config(f"sqlite:///{db}", write_batch_size=5)
+
+        def count(sql: str) -> int:
+            return sqlite3.connect(db).execute(sql).fetchone()[0]
+    else:
+        url, schema = request.getfixturevalue("pg_db")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{schema}".docs (id bigint PRIMARY KEY, body text, embedding real[], content_hash text, '
+                f"embedding_model text, embedded_at timestamptz, {check})"
+            )
+            conn.cursor().executemany(
+                f'INSERT INTO "{schema}".docs (id, body) VALUES (%s, %s)', [(i, f"text {i}") for i, *_ in _rows()]
+            )
+        config = _config(url, schema=schema, write_batch_size=5)
+
+        def count(sql: str) -> int:
+            with psycopg.connect(url) as conn:
+                conn.execute(f'SET search_path TO "{schema}"')
+                return conn.execute(sql).fetchone()[0]
+
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+        key = register(config, "docs", instance)[0]
+        result = run_partition(config, "docs", key, instance)
+        written = metadata(result, "written_table")
+        assert (written["rows_written"], written["rows_write_rejected"]) == (9, 1)
+        assert count("SELECT count(*) FROM docs WHERE embedding IS NOT NULL") == 9
+        assert count("SELECT count(*) FROM docs WHERE id = 7 AND embedding IS NULL") == 1
+        failures = store.ledger.failures()
+        assert [(f["row_id"], f["stage"], f["error_class"]) for f in failures] == [
+            ("7", "write", "rejected_by_database")
+        ]
+        assert "check" in failures[0]["message"].lower()

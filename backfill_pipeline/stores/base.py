@@ -10,7 +10,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -75,6 +75,36 @@ class Failure:
 class WriteStats:
     rows_written: int = 0
     batches: int = 0
+    rejected: list[tuple[object, str]] = field(default_factory=list)  # (row id, the database's words)
+
+    def add(self, other: WriteStats) -> None:
+        self.rows_written += other.rows_written
+        self.batches += other.batches
+        self.rejected += other.rejected
+
+
+def write_splitting(
+    write: Callable[[int, int], int],
+    start: int,
+    stop: int,
+    ids: Sequence[object],
+    rejects: tuple[type[Exception], ...],
+    describe: Callable[[Exception], str],
+) -> WriteStats:
+    """Write rows ``[start, stop)`` in one transaction; when the database rejects a value, halve the range
+    until the row at fault is found, and write the others: one bad row never costs its batch's paid work."""
+    stats = WriteStats()
+    try:
+        stats.rows_written += write(start, stop)
+        stats.batches += 1
+    except rejects as exc:
+        if stop - start == 1:
+            stats.rejected.append((ids[start], describe(exc)))
+            return stats
+        middle = (start + stop) // 2
+        stats.add(write_splitting(write, start, middle, ids, rejects, describe))
+        stats.add(write_splitting(write, middle, stop, ids, rejects, describe))
+    return stats
 
 
 def utc_now() -> datetime:

@@ -21,13 +21,15 @@ import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .base import ConnectionLostError, DatabaseTimeoutError, StoreError, WriteStats, encode_skills
+from .base import ConnectionLostError, DatabaseTimeoutError, StoreError, WriteStats, encode_skills, write_splitting
 from .postgres_catalog import clean_error, connect
 
 if TYPE_CHECKING:
     from .postgres_rows import PostgresRows
 
 Convert = Callable[[object], object]
+# what the database says about one row's values (too long, a check or constraint refused): split to find it
+REJECTED_VALUES: tuple[type[Exception], ...] = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 
 
 def _json_floats(v: np.ndarray) -> list[float]:
@@ -134,13 +136,14 @@ def write_results(rows: PostgresRows, results: pa.Table, batch_size: int) -> Wri
                 return
             number, start, stop = batch
             try:
-                written = write_batch(conn, start, stop)
+                done = write_splitting(
+                    lambda a, b: write_batch(conn, a, b), start, stop, ids, REJECTED_VALUES, clean_error
+                )
             except psycopg.Error as exc:
                 failure.append((number, start, stop, exc))
                 return
             with lock:
-                stats.rows_written += written
-                stats.batches += 1
+                stats.add(done)
 
     try:
         if workers == 1:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..rows import parse_float_list
-from .base import PartitionSpec, RowStore, SchemaError, StoreError, WriteStats, encode_skills
+from .base import PartitionSpec, RowStore, SchemaError, StoreError, WriteStats, encode_skills, write_splitting
 from .layout import TableLayout
 
 
@@ -219,10 +219,12 @@ class SQLiteRows(RowStore):
                 if lay.separate
                 else [(*r, i) for i, r in zip(ids[start:stop], rows, strict=True)]
             )
-            with immediate(self.conn):
-                cursor = self.conn.executemany(sql, params)
-            stats.rows_written += cursor.rowcount
-            stats.batches += 1
+
+            def write(a: int, b: int, params: Sequence[tuple] = params, offset: int = start) -> int:
+                with immediate(self.conn):
+                    return self.conn.executemany(sql, params[a - offset : b - offset]).rowcount
+
+            stats.add(write_splitting(write, start, stop, ids, (sqlite3.IntegrityError,), str))
         return stats
 
 
