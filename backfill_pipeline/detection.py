@@ -33,6 +33,8 @@ class Reason(str, Enum):
     STALE = "stale"
     UNHASHED = "unhashed"
     ENRICHMENT_MISSING = "enrichment_missing"
+    ENRICHMENT_STALE = "enrichment_stale"
+    ENRICHMENT_MODEL_CHANGED = "enrichment_model_changed"
     FORCED = "forced"
     COOLING_DOWN = "failed_cooling_down"
     DEFERRED = "deferred_by_limit"
@@ -135,10 +137,14 @@ def detect(
     for field in dataset.enrichment_columns:
         values = raw.column(enrichment_col(field))
         enrichment_missing |= values.is_null().to_numpy(zero_copy_only=False)
-    needs_enrichment = enrichment_missing | (reasons == Reason.STALE.value)
+    enrichment_stale, enrichment_model_changed = _enrichment_provenance(raw, dataset, new_hash, stale)
+    needs_enrichment = enrichment_missing | enrichment_stale | enrichment_model_changed
     if not dataset.enrichment.enabled:
         needs_enrichment[:] = False
-    reasons[(reasons == Reason.OK.value) & needs_enrichment] = Reason.ENRICHMENT_MISSING.value
+    untouched = reasons == Reason.OK.value
+    reasons[untouched & enrichment_model_changed] = Reason.ENRICHMENT_MODEL_CHANGED.value
+    reasons[untouched & enrichment_stale] = Reason.ENRICHMENT_STALE.value
+    reasons[untouched & enrichment_missing] = Reason.ENRICHMENT_MISSING.value
     if dataset.embedding.include_enrichment:
         needs_embedding |= needs_enrichment
 
@@ -174,6 +180,25 @@ def detect(
             },
         }
     )
+
+
+def _enrichment_provenance(
+    raw: pa.Table, dataset: DatasetConfig, new_hash: np.ndarray, embedding_stale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each row's stored enrichment was made from other text, or by another model.
+
+    The enrichment keeps its own hash and model, so a failed enrichment next to a fresh embedding is still
+    seen as stale. A row enriched before the enrichment had its own hash falls back to the embedding's.
+    """
+    none = np.zeros(raw.num_rows, dtype=bool)
+    if "enrichment_hash" not in raw.column_names:
+        return embedding_stale, none
+    stored_hash = np.asarray(raw.column("enrichment_hash").to_pylist(), dtype=object)
+    stored_model = np.asarray(raw.column("enrichment_model").to_pylist(), dtype=object)
+    has_hash = stored_hash != None  # noqa: E711 - elementwise comparison on an object array
+    stale = np.where(has_hash, stored_hash != new_hash, embedding_stale).astype(bool)
+    model_changed = (stored_model != None) & (stored_model != dataset.enrichment.model)  # noqa: E711
+    return stale, model_changed.astype(bool)
 
 
 def apply_limit(detected: pa.Table, limit: int) -> pa.Table:

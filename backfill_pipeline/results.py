@@ -22,6 +22,7 @@ from .text import embedding_input
 def enrichment_schema(dataset: DatasetConfig) -> pa.Schema:
     fields = [pa.field("id", pa.int64())]
     fields += [pa.field(enrichment_col(f), pa.string()) for f in dataset.enrichment_columns]
+    fields += [pa.field("content_hash", pa.string())]  # the text it was made from
     fields += [pa.field("error_class", pa.string()), pa.field("error", pa.string())]
     return pa.schema(fields)
 
@@ -60,6 +61,8 @@ def enrichment_table(dataset: DatasetConfig, todo: pa.Table, outcome: EnrichOutc
             else:
                 values.append(getattr(result, field))
         columns[enrichment_col(field)] = pa.array(values, pa.string())
+    made = pa.array([r is not None for r in outcome.results])
+    columns["content_hash"] = pc.if_else(made, todo.column("content_hash"), pa.scalar(None, pa.string()))
     columns["error_class"], columns["error"] = _errors(outcome.failures, todo.num_rows)
     return pa.table(columns, schema=enrichment_schema(dataset))
 
@@ -133,16 +136,10 @@ def row_failures(enrichment: pa.Table, embeddings: pa.Table) -> list[Failure]:
 def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.Table) -> pa.Table:
     """One row per id with a successful result, holding the columns to write (nulls leave values alone).
 
-    The content hash says "embedding and enrichment were made from this text": a row whose enrichment
-    failed keeps its old hash, so the next run still sees it as needing enrichment.
+    Each stage records what it was made from: the embedding its content hash and model, the enrichment its
+    own. A row whose enrichment failed gets an empty enrichment hash beside its fresh embedding, so its old
+    enrichment (made from older text) is still seen as stale by the next run.
     """
-    if enrichment.num_rows:
-        unhashed = pc.is_in(embeddings.column("id"), value_set=failed_ids(enrichment))
-        embeddings = embeddings.set_column(
-            embeddings.schema.get_field_index("content_hash"),
-            "content_hash",
-            pc.if_else(unhashed, pa.scalar(None, pa.string()), embeddings.column("content_hash")),
-        )
     emb = embeddings.filter(pc.is_null(embeddings.column("error")))
     enr = enrichment.filter(pc.is_null(enrichment.column("error")))
     emb_ids = emb.column("id").to_pylist()
@@ -160,5 +157,11 @@ def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.T
     if dataset.enrichment.enabled:
         for field in dataset.enrichment_columns:
             columns[enrichment_col(field)] = pc.take(enr.column(enrichment_col(field)), enr_take)
-        columns["enriched_at"] = pc.if_else(pc.is_valid(enr_take), pa.scalar(now), pa.scalar(None, pa.string()))
+        enriched = pc.is_valid(enr_take)
+        columns["enriched_at"] = pc.if_else(enriched, pa.scalar(now), pa.scalar(None, pa.string()))
+        failed = pc.is_in(columns["id"], value_set=failed_ids(enrichment))
+        made_from = pc.take(enr.column("content_hash"), enr_take)
+        columns["enrichment_hash"] = pc.if_else(failed, pa.scalar(""), made_from)
+        model = pa.scalar(dataset.enrichment.model)
+        columns["enrichment_model"] = pc.if_else(enriched, model, pa.scalar(None, pa.string()))
     return pa.table(columns)

@@ -72,6 +72,9 @@ def raw_schema(
         pa.field("content_hash", pa.string()),
         pa.field("model", pa.string()),
     ]
-    fields += [pa.field(enrichment_col(f), pa.string()) for f in enrichment_fields]
+    enrichment = [pa.field(enrichment_col(f), pa.string()) for f in enrichment_fields]
+    fields += enrichment
+    if enrichment:  # what the stored enrichment was made from: its own text hash and model
+        fields += [pa.field("enrichment_hash", pa.string()), pa.field("enrichment_model", pa.string())]
     fields.append(pa.field(EMBEDDING_ERROR, pa.string()))  # why a stored value could not be read, if so
     return pa.schema(fields)

@@ -43,10 +43,12 @@ def sensor_tick(defs: dg.Definitions, name: str, instance: dg.DagsterInstance, c
     """One evaluation of sensor ``name`` with the resources bound from ``defs``, as the code server does it
     (resources are built for the tick, so a database URL held in an environment variable is read then)."""
     resources = defs.get_repository_def().get_top_level_resources()
-    context = dg.build_sensor_context(
+    # closed here: the instance the context opens from the ref must not be torn down by the garbage collector
+    # later, which would leave Dagster's current defs-state storage pointing at a disposed instance
+    with dg.build_sensor_context(
         instance_ref=instance.get_ref(), cursor=cursor, definitions=defs, resources=resources
-    )
-    return defs.resolve_sensor_def(name).evaluate_tick(context)
+    ) as context:
+        return defs.resolve_sensor_def(name).evaluate_tick(context)
 
 
 def schedule_tick(defs: dg.Definitions, name: str, instance: dg.DagsterInstance, when: datetime):

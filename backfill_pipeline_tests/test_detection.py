@@ -94,6 +94,8 @@ def _raw(rows: list[dict]) -> pa.Table:
     }
     for f in ("skills", "seniority", "summary"):
         columns[enrichment_col(f)] = [r.get(f, "x" if r.get("enriched", True) else None) for r in rows]
+    columns["enrichment_hash"] = [r.get("enrichment_hash") for r in rows]
+    columns["enrichment_model"] = [r.get("enrichment_model") for r in rows]
     columns[EMBEDDING_ERROR] = [r.get("unreadable") for r in rows]
     return pa.table(columns, schema=schema)
 
@@ -190,3 +192,29 @@ def test_an_unreadable_stored_value_is_a_reason_of_its_own() -> None:
     detected = detect(raw, config)
     assert detected.column("reason").to_pylist() == [Reason.UNREADABLE.value, Reason.OK.value]
     assert detected.column("needs_embedding").to_pylist() == [True, False]
+
+
+def test_the_enrichment_keeps_its_own_provenance() -> None:
+    """A fresh embedding beside an enrichment made from older text (or by another model) still needs work."""
+    config = _config()
+    now = _current_hash()
+    fresh = {"embedding": unit(), "hash": now, "model": "m1"}
+    raw = _raw(
+        [
+            {"id": 1, **fresh, "enrichment_hash": now, "enrichment_model": "offline-rules-v1"},
+            {"id": 2, **fresh, "enrichment_hash": "older text", "enrichment_model": "offline-rules-v1"},
+            {"id": 3, **fresh, "enrichment_hash": "", "enrichment_model": None},  # the last try failed
+            {"id": 4, **fresh, "enrichment_hash": now, "enrichment_model": "old-llm"},
+            {"id": 5, **fresh},  # enriched before the enrichment had its own hash: the embedding's decides
+        ]
+    )
+    detected = detect(raw, config)
+    assert detected.column("reason").to_pylist() == [
+        Reason.OK.value,
+        Reason.ENRICHMENT_STALE.value,
+        Reason.ENRICHMENT_STALE.value,
+        Reason.ENRICHMENT_MODEL_CHANGED.value,
+        Reason.OK.value,
+    ]
+    assert detected.column("needs_enrichment").to_pylist() == [False, True, True, True, False]
+    assert detected.column("needs_embedding").to_pylist() == [False] * 5

@@ -197,6 +197,8 @@ class BookkeepingColumns(_Model):
     model: Identifier = "embedding_model"
     embedded_at: Identifier = "embedded_at"
     enriched_at: Identifier = "enriched_at"
+    enrichment_hash: Identifier = "enrichment_hash"  # the text the enrichment was made from, apart from the embedding's
+    enrichment_model: Identifier = "enrichment_model"
 
 
 class ScheduleSpec(_Model):
@@ -339,7 +341,13 @@ class DatasetConfig(_Model):
             self.bookkeeping.embedded_at,
         ]
         if self.enrichment.enabled:
-            cols += [*self.enrichment_columns.values(), self.bookkeeping.enriched_at]
+            books = self.bookkeeping
+            cols += [
+                *self.enrichment_columns.values(),
+                books.enriched_at,
+                books.enrichment_hash,
+                books.enrichment_model,
+            ]
         return cols
 
     def database_url_value(self) -> str:

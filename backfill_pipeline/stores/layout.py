@@ -38,6 +38,8 @@ class TableLayout:
     model_column: str
     embedded_at_column: str
     enriched_at_column: str
+    enrichment_hash_column: str
+    enrichment_model_column: str
     enrichment_columns: tuple[tuple[str, str], ...]  # (field, column), in field order
 
     @classmethod
@@ -62,6 +64,8 @@ class TableLayout:
             model_column=books.model,
             embedded_at_column=books.embedded_at,
             enriched_at_column=books.enriched_at,
+            enrichment_hash_column=books.enrichment_hash,
+            enrichment_model_column=books.enrichment_model,
             enrichment_columns=tuple(dataset.enrichment_columns.items()),
         )
 
@@ -79,6 +83,7 @@ class TableLayout:
         columns = [self.embedding_column, self.content_hash_column, self.model_column, self.embedded_at_column]
         if self.enrichment_columns:
             columns += [column for _, column in self.enrichment_columns] + [self.enriched_at_column]
+            columns += [self.enrichment_hash_column, self.enrichment_model_column]
         return columns
 
     @property
@@ -92,9 +97,11 @@ class TableLayout:
     @property
     def stored_columns(self) -> list[str]:
         """The result columns read back with each row: embedding, hash, model, then enrichment fields."""
-        return [self.embedding_column, self.content_hash_column, self.model_column] + [
-            column for _, column in self.enrichment_columns
-        ]
+        columns = [self.embedding_column, self.content_hash_column, self.model_column]
+        columns += [column for _, column in self.enrichment_columns]
+        if self.enrichment_columns:
+            columns += [self.enrichment_hash_column, self.enrichment_model_column]
+        return columns
 
     def result_mapping(self, present: set[str]) -> dict[str, str]:
         """Target column -> results column, for the results columns in ``present``."""
@@ -104,6 +111,8 @@ class TableLayout:
             self.model_column: "model",
             self.embedded_at_column: "embedded_at",
             self.enriched_at_column: "enriched_at",
+            self.enrichment_hash_column: "enrichment_hash",
+            self.enrichment_model_column: "enrichment_model",
             **{column: enrichment_col(field) for field, column in self.enrichment_columns},
         }
         return {target: source for target, source in candidates.items() if source in present}

@@ -178,7 +178,10 @@ class SQLiteRows(RowStore):
             vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
             arrays.append(vectors)
             arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 : emb_at + 3]]
-            arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in columns[emb_at + 3 :]]
+            provenance_at = emb_at + 3 + len(lay.enrichment_columns)
+            enrichment = columns[emb_at + 3 : provenance_at]
+            arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in enrichment]
+            arrays += [pa.array(c, pa.string()) for c in columns[provenance_at:]]
             arrays.append(errors)
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
