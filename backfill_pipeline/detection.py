@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import DatasetConfig
-from .rows import EMBEDDING_ERROR, enrichment_col
+from .rows import EMBEDDING_ERROR, TEXT_ERROR, enrichment_col
 from .text import content_hash, render_column
 
 
@@ -24,6 +24,7 @@ class Reason(str, Enum):
     NO_TEXT = "no_text"
     NULL_EMBEDDING = "null_embedding"
     UNREADABLE = "unreadable_embedding"
+    UNDECODABLE_TEXT = "undecodable_text"
     NON_FINITE = "non_finite"
     PLACEHOLDER_ZERO = "placeholder_zero"
     PLACEHOLDER_CONSTANT = "placeholder_constant"
@@ -161,6 +162,11 @@ def detect(
         needs_enrichment[cooling] = False
 
     reasons[~present_np] = Reason.NO_TEXT.value
+    text_errors = raw.column(TEXT_ERROR) if TEXT_ERROR in raw.column_names else pa.nulls(raw.num_rows, pa.string())
+    if text_errors.null_count < raw.num_rows:  # text that could not be read: reported and recorded, never sent
+        unreadable = text_errors.is_valid().to_numpy(zero_copy_only=False)
+        reasons[unreadable] = Reason.UNDECODABLE_TEXT.value
+        present_np &= ~unreadable
     needs_embedding &= present_np
     needs_enrichment &= present_np
     work = needs_embedding | needs_enrichment
@@ -173,6 +179,7 @@ def detect(
             "reason": pa.array(reasons.tolist(), pa.string()),
             "needs_embedding": pa.array(needs_embedding),
             "needs_enrichment": pa.array(needs_enrichment),
+            TEXT_ERROR: text_errors,
             **{
                 enrichment_col(f): raw.column(enrichment_col(f))
                 for f in dataset.enrichment_columns

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from .config import DatasetConfig
 from .engine import EmbedOutcome, EnrichOutcome, RowFailure
-from .rows import enrichment_col, matrix_array
+from .rows import TEXT_ERROR, enrichment_col, matrix_array
 from .stores import Failure
 from .stores.base import utc_now
 from .text import embedding_input
@@ -124,9 +124,10 @@ def embedding_texts(dataset: DatasetConfig, todo: pa.Table, enrichment: pa.Table
     return out
 
 
-def row_failures(enrichment: pa.Table, embeddings: pa.Table) -> list[Failure]:
-    """Every failed row of both provider steps, as recorded in the failures table."""
-    out = []
+def row_failures(detected: pa.Table, enrichment: pa.Table, embeddings: pa.Table) -> list[Failure]:
+    """Every failed row: text that could not be read, and the failures of both provider steps."""
+    unreadable = detected.filter(pc.is_valid(detected.column(TEXT_ERROR))).select(["id", TEXT_ERROR])
+    out = [Failure(r["id"], "read", "undecodable_text", r[TEXT_ERROR]) for r in unreadable.to_pylist()]
     for stage, table in (("enrichment", enrichment), ("embedding", embeddings)):
         failed = table.filter(pc.is_valid(table.column("error"))).select(["id", "error_class", "error"])
         out += [Failure(r["id"], stage, r["error_class"], r["error"]) for r in failed.to_pylist()]

@@ -16,6 +16,7 @@ import pyarrow as pa
 TEXT_PREFIX = "text:"
 ENRICHMENT_PREFIX = "enrichment:"
 EMBEDDING_ERROR = "embedding_error"
+TEXT_ERROR = "text_error"
 
 
 def text_col(name: str) -> str:
@@ -77,4 +78,5 @@ def raw_schema(
     if enrichment:  # what the stored enrichment was made from: its own text hash and model
         fields += [pa.field("enrichment_hash", pa.string()), pa.field("enrichment_model", pa.string())]
     fields.append(pa.field(EMBEDDING_ERROR, pa.string()))  # why a stored value could not be read, if so
+    fields.append(pa.field(TEXT_ERROR, pa.string()))  # why the row's text could not be read, if so
     return pa.schema(fields)

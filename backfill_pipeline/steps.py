@@ -262,7 +262,7 @@ def write_rows(
     """Write the results, record failures, clear the failures of rows that succeeded, release the lease."""
     started = time.monotonic()
     results = merge_results(dataset, enrichment, embeddings)
-    failures = row_failures(enrichment, embeddings)
+    failures = row_failures(detected, enrichment, embeddings)
     failed = {f.row_id for f in failures}
     succeeded = [i for i in results.column("id").to_pylist() if i not in failed]
     with lease.held() as holder:

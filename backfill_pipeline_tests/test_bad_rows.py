@@ -135,3 +135,25 @@ def test_a_row_the_database_refuses_is_recorded_and_the_rest_of_its_batch_writte
             ("7", "write", "rejected_by_database")
         ]
         assert "check" in failures[0]["message"].lower()
+
+
+def test_text_that_is_not_utf8_is_a_recorded_row_failure_not_a_failed_partition(tmp_path: Path, instance) -> None:
+    db = tmp_path / "docs.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"text {i}") for i in range(1, 11) if i != 4])
+    conn.execute("INSERT INTO docs VALUES (4, CAST(x'ff66e96c6c6f' AS TEXT))")  # Latin-1 bytes in a TEXT column
+    conn.commit()
+    conn.close()
+    config = _config(f"sqlite:///{db}")
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+        key = register(config, "docs", instance)[0]
+        result = run_partition(config, "docs", key, instance)
+        assert metadata(result, "detected_placeholders")["rows_undecodable_text"] == 1
+        assert metadata(result, "written_table")["rows_written"] == 9
+        failures = store.ledger.failures()
+        assert [(f["row_id"], f["stage"], f["error_class"]) for f in failures] == [("4", "read", "undecodable_text")]
+        assert "column body holds bytes that are not UTF-8" in failures[0]["message"]
+    unwritten = sqlite3.connect(db).execute("SELECT id FROM docs WHERE embedding IS NULL").fetchall()
+    assert unwritten == [(4,)]

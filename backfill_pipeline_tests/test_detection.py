@@ -10,7 +10,15 @@ import pytest
 
 from backfill_pipeline.config import parse_config
 from backfill_pipeline.detection import Reason, apply_limit, classify_vectors, detect, reason_counts
-from backfill_pipeline.rows import EMBEDDING_ERROR, enrichment_col, parse_float_list, raw_schema, text_col, vector_array
+from backfill_pipeline.rows import (
+    EMBEDDING_ERROR,
+    TEXT_ERROR,
+    enrichment_col,
+    parse_float_list,
+    raw_schema,
+    text_col,
+    vector_array,
+)
 from backfill_pipeline.text import content_hash, render_text
 
 DIM = 8
@@ -97,6 +105,7 @@ def _raw(rows: list[dict]) -> pa.Table:
     columns["enrichment_hash"] = [r.get("enrichment_hash") for r in rows]
     columns["enrichment_model"] = [r.get("enrichment_model") for r in rows]
     columns[EMBEDDING_ERROR] = [r.get("unreadable") for r in rows]
+    columns[TEXT_ERROR] = [r.get("text_error") for r in rows]
     return pa.table(columns, schema=schema)
 
 

@@ -22,7 +22,9 @@ def pending_partitions(store: Store, dataset: DatasetConfig, keys: Iterable[str]
     found: list[tuple[str, int]] = []
     for key in keys:
         coverage = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
-        pending = coverage.needing_work - coverage.reasons[Reason.COOLING_DOWN.value]
+        # rows cooling down after a failure, and rows whose text cannot be read, wait for someone, not a run
+        waiting = coverage.reasons[Reason.COOLING_DOWN.value] + coverage.reasons[Reason.UNDECODABLE_TEXT.value]
+        pending = coverage.needing_work - waiting
         if pending > 0:
             found.append((key, pending))
             if len(found) >= cap:

@@ -50,12 +50,13 @@ def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Sto
 
 def _open_sqlite(layout: TableLayout, url: str, lock_timeout: float) -> Store:
     from .sqlite_ledger import SQLiteLedger
-    from .sqlite_rows import SQLiteRows, immediate, sqlite_path
+    from .sqlite_rows import SQLiteRows, decode_text, immediate, sqlite_path
 
     path = sqlite_path(url)
     if not path.exists():
         raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist")
     conn = sqlite3.connect(path, timeout=lock_timeout, isolation_level=None, check_same_thread=False)
+    conn.text_factory = decode_text
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
     try:

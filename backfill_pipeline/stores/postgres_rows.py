@@ -244,6 +244,7 @@ class PostgresRows(RowStore):
                 arrays.append(vectors)
                 arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 :]]
                 arrays.append(errors)
+                arrays.append(pa.nulls(len(rows), pa.string()))  # the server's encoding guarantees the text
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:

@@ -54,6 +54,23 @@ def table_columns(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     return {r[1]: (r[2] or "").upper() for r in rows}
 
 
+class Undecodable(str):
+    """Text stored as bytes that are not UTF-8, shown with replacement characters; its row is not embedded."""
+
+
+def decode_text(data: bytes) -> str:
+    """The connection's text factory: one row's bad bytes must not fail the whole read."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Undecodable(data.decode("utf-8", errors="replace"))
+
+
+def _text_error(fields: tuple[str, ...], values: tuple[object, ...]) -> str | None:
+    bad = [f for f, v in zip(fields, values, strict=True) if isinstance(v, Undecodable)]
+    return f"column {', '.join(bad)} holds bytes that are not UTF-8" if bad else None
+
+
 def decode_vector(value: object) -> np.ndarray | None:
     if value is None:
         return None
@@ -175,6 +192,7 @@ class SQLiteRows(RowStore):
                 )
             arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
             arrays += [pa.array([None if v is None else str(v) for v in c], pa.string()) for c in columns[2:emb_at]]
+            text_errors = [_text_error(lay.text_fields, values) for values in zip(*columns[2:emb_at], strict=True)]
             vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
             arrays.append(vectors)
             arrays += [pa.array(c, pa.string()) for c in columns[emb_at + 1 : emb_at + 3]]
@@ -183,6 +201,7 @@ class SQLiteRows(RowStore):
             arrays += [pa.array([encode_skills(v) for v in c], pa.string()) for c in enrichment]
             arrays += [pa.array(c, pa.string()) for c in columns[provenance_at:]]
             arrays.append(errors)
+            arrays.append(pa.array(text_errors, pa.string()))
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def write_results(self, results: pa.Table, batch_size: int) -> WriteStats:
