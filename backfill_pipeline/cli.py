@@ -16,37 +16,15 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from .cli_runs import cli_instance, cli_run_tags, dagster_home, fail_dead_cli_runs
 from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
 from .coverage import Coverage, partition_coverage
 from .detection import Reason
-from .partitions import partition_activity, partition_spec, partitions_def_for, register_partitions
+from .partitions import partition_activity, partition_spec, partitions_name, register_partitions
 from .plan import plan_dataset
 from .providers import warm_up
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
-
-
-def _dagster_home() -> Path:
-    """$DAGSTER_HOME, or ./.dagster_home (created, with a local dagster.yaml) when it is unset."""
-    if not os.environ.get("DAGSTER_HOME"):
-        home = Path(".dagster_home").resolve()
-        home.mkdir(exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
-    settings = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
-    if not settings.exists():
-        settings.write_text(
-            "# local instance: metadata in SQLite files beside this one\ntelemetry:\n  enabled: false\n"
-        )
-    return settings.parent
-
-
-@functools.cache
-def _instance():
-    """The Dagster instance of :func:`_dagster_home`."""
-    import dagster as dg
-
-    _dagster_home()
-    return dg.DagsterInstance.get()
 
 
 def _datasets(config: BackfillConfig, only: str | None) -> dict[str, DatasetConfig]:
@@ -66,6 +44,9 @@ def _print_table(headers: list[str], rows: list[list[object]]) -> None:
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+COVERAGE_HEADERS = ["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"]
 
 
 def _coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool) -> list[list[object]]:
@@ -92,7 +73,7 @@ def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
     rows: list[list[object]] = []
     for name, dataset in _datasets(config, args.dataset).items():
         rows += _coverage_rows(name, dataset, args.by_partition)
-    _print_table(["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"], rows)
+    _print_table(COVERAGE_HEADERS, rows)
     return 0
 
 
@@ -119,7 +100,7 @@ def cmd_migrate(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 
 def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, list[str]]:
-    instance = _instance()
+    instance = cli_instance()
     registered = {}
     for name, dataset in _datasets(config, only).items():
         with open_store(name, dataset) as store:
@@ -152,7 +133,11 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
     started = time.monotonic()
     job = _job_cache(config_path, name)
     result = job.execute_in_process(
-        partition_key=key, instance=_instance(), run_config=_run_config(name, force, limit), raise_on_error=False
+        partition_key=key,
+        instance=cli_instance(),
+        run_config=_run_config(name, force, limit),
+        tags=cli_run_tags(),
+        raise_on_error=False,
     )
     written, status = 0, "ok" if result.success else "FAILED"
     for event in result.get_asset_materialization_events():
@@ -191,7 +176,7 @@ def materialize_partitions(
     if parallel <= 1:
         results = (_run_partition(config_path, name, k, force, limit) for k in keys)
     else:
-        _dagster_home()  # for the workers; each opens its own instance after the fork
+        dagster_home()  # for the workers; each opens its own instance after the fork
         # built once here, inherited by the forked workers instead of being built again by each of them
         _job_cache(config_path, name)
         dataset = load_config(config_path).datasets[name]
@@ -215,9 +200,11 @@ def materialize_partitions(
 
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
-    instance = _instance()
+    instance = cli_instance()
+    for run_id in fail_dead_cli_runs(instance):
+        print(f"run {run_id[:8]} was left unfinished by a process that is gone; marked failed")
     keys_of = {
-        name: list(args.partition or instance.get_dynamic_partitions(partitions_def_for(name).name))
+        name: list(args.partition or instance.get_dynamic_partitions(partitions_name(name)))
         for name in _datasets(config, args.dataset)
     }
     if not _confirmed(config, args, keys_of):
@@ -293,7 +280,7 @@ def set_pool_limits(instance, limits: dict[str, int]) -> None:
 def cmd_pools(config: BackfillConfig, args: argparse.Namespace) -> int:
     from .lib.assets import EMBEDDING_POOL, ENRICHMENT_POOL
 
-    instance = _instance()
+    instance = cli_instance()
     set_pool_limits(instance, {EMBEDDING_POOL: args.embedding, ENRICHMENT_POOL: args.llm})
     for pool in (EMBEDDING_POOL, ENRICHMENT_POOL):
         info = instance.event_log_storage.get_concurrency_info(pool)
@@ -316,11 +303,11 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
         added = store.migrate()
     if added:
         print(f"migrated: added {', '.join(added)}")
-    print(f"Dagster instance: {_instance().root_directory}")
+    print(f"Dagster instance: {cli_instance().root_directory}")
     keys = register_all(config, name)[name]
     print("\ncoverage before:")
     _print_table(
-        ["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"],
+        COVERAGE_HEADERS,
         _coverage_rows(name, dataset, by_partition=False),
     )
     print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
@@ -329,7 +316,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     seconds = time.monotonic() - started
     print("\ncoverage after:")
     rows = _coverage_rows(name, dataset, by_partition=False)
-    _print_table(["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"], rows)
+    _print_table(COVERAGE_HEADERS, rows)
     total_rows = int(str(rows[-1][2]))
     print(
         f"\n{total_rows} rows through the graph in {seconds:.1f}s ({int(total_rows) / seconds:.0f} rows/s, "

@@ -327,3 +327,37 @@ def _distinct_texts(db: Path) -> int:
     """Distinct texts among the first partition's rows with text: identical texts are paid for once."""
     sql = "SELECT DISTINCT title, company, description FROM job_postings WHERE id < 100 AND trim(description) != ''"
     return len(query(db, sql))
+
+
+def test_a_killed_cli_run_is_marked_failed_and_its_partition_taken_over(demo_db, tmp_path, monkeypatch, server) -> None:
+    """`backfill-pipeline materialize` killed with SIGKILL mid-partition: nothing is left STARTED or stuck.
+    The next command marks the dead run failed and, once the lease has expired, finishes the partition."""
+    data = provider_config(demo_db, server)
+    data["datasets"]["jobs"]["partitioning"]["width"] = 1000
+    data["datasets"]["jobs"]["enrichment"]["max_in_flight"] = 4
+    data["datasets"]["jobs"]["lease_seconds"] = 3
+    server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.05)
+    path, config = setup(tmp_path, data, monkeypatch)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = dg.DagsterInstance.get()
+    key = register(config, "jobs", instance)[0]
+    env = subprocess_env(BACKFILL_CONFIG=str(path), DAGSTER_HOME=str(home), OPENAI_API_KEY=OPENAI_KEY)
+    command = [str(Path(sys.executable).parent / "backfill-pipeline"), "materialize", "--partition", key, "--yes"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while server.count("chat", 200) < 40 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [killed] = instance.get_run_records()
+    assert killed.dagster_run.status == dg.DagsterRunStatus.STARTED  # nobody else would ever finish it
+
+    time.sleep(3.5)  # the killed run's lease expires
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    assert f"run {killed.dagster_run.run_id[:8]} was left unfinished by a process that is gone" in again.stdout
+    assert f"{key}: ok," in again.stdout
+    assert instance.get_run_by_id(killed.dagster_run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert query(demo_db, "SELECT count(*) FROM job_postings WHERE description != '' AND summary IS NULL")[0][0] == 0
