@@ -122,26 +122,31 @@ def detect_rows(
 
 
 def call_provider(
-    store: Store,
+    lease: Lease,
     dataset: DatasetConfig,
     spec: ProviderSpec,
     stage: str,
-    provider: P,
+    make_provider: Callable[[], P],
     work: Callable[[P, CallPolicy], Awaitable[T]],
     log: Log,
-) -> tuple[T, Usage]:
-    """Check the provider with a free call, run the engine under the dataset's policy, log the accounting."""
-    policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
+) -> tuple[T, Usage] | str:
+    """Holding the partition's lease, check the provider with a free call, run the engine under the dataset's
+    policy and log the accounting; return the live holder's run id instead when another run has the lease."""
+    with lease.held() as holder, lease.open_store() as store:
+        if holder is not None:
+            return holder
+        provider = make_provider()
+        policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
 
-    async def go() -> T:
-        try:
-            await provider.preflight()
-            return await work(provider, policy)
-        finally:
-            await provider.aclose()
-            await policy.cache.aclose()
+        async def go() -> T:
+            try:
+                await provider.preflight()
+                return await work(provider, policy)
+            finally:
+                await provider.aclose()
+                await policy.cache.aclose()
 
-    outcome = asyncio.run(go())
+        outcome = asyncio.run(go())
     log.info(accounting_line(stage, provider.usage, spec))
     return outcome, provider.usage
 
@@ -164,20 +169,20 @@ def enrich_rows(
         )
     spec = dataset.enrichment
     texts = todo.column("text").to_pylist()
-    with lease.held() as holder, lease.open_store() as store:
-        if holder is not None:
-            return _skipped(lease, holder, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
-        outcome, usage = call_provider(
-            store,
-            dataset,
-            spec,
-            "enrichment",
-            provider(),
-            lambda p, policy: enrich_texts(
-                p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "enrichment")
-            ),
-            log,
-        )
+    called = call_provider(
+        lease,
+        dataset,
+        spec,
+        "enrichment",
+        provider,
+        lambda p, policy: enrich_texts(
+            p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "enrichment")
+        ),
+        log,
+    )
+    if isinstance(called, str):
+        return _skipped(lease, called, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
+    outcome, usage = called
     table = enrichment_table(dataset, todo, outcome)
     _log_failures(log, "enrichment", table)
     failed = len(outcome.failures)
@@ -215,20 +220,20 @@ def embed_rows(
         )
     spec = dataset.embedding
     texts = embedding_texts(dataset, todo, enrichment)
-    with lease.held() as holder, lease.open_store() as store:
-        if holder is not None:
-            return _skipped(lease, holder, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
-        outcome, usage = call_provider(
-            store,
-            dataset,
-            spec,
-            "embeddings",
-            provider(),
-            lambda p, policy: embed_texts(
-                p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "embeddings")
-            ),
-            log,
-        )
+    called = call_provider(
+        lease,
+        dataset,
+        spec,
+        "embeddings",
+        provider,
+        lambda p, policy: embed_texts(
+            p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "embeddings")
+        ),
+        log,
+    )
+    if isinstance(called, str):
+        return _skipped(lease, called, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
+    outcome, usage = called
     table = embeddings_table(dataset, todo, outcome)
     _log_failures(log, "embedding", table)
     return StepResult(

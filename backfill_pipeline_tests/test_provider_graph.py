@@ -258,7 +258,9 @@ def test_without_a_shared_budget_the_server_pushes_back(demo_db, tmp_path, monke
     assert server.count("chat", 429) > 5
 
 
-def test_killed_partition_pays_at_most_in_flight_again(demo_db, tmp_path, monkeypatch, server) -> None:
+def _one_slow_partition(demo_db, tmp_path, monkeypatch, server) -> tuple[Path, Path, dg.DagsterInstance, str]:
+    """The demo as one partition, a chat model slow enough to kill mid-enrichment, leases of 3 s, and a
+    Dagster home of its own: (config path, home, instance, partition key)."""
     data = provider_config(demo_db, server)
     data["datasets"]["jobs"]["partitioning"]["width"] = 1000
     data["datasets"]["jobs"]["enrichment"]["max_in_flight"] = 4
@@ -270,6 +272,11 @@ def test_killed_partition_pays_at_most_in_flight_again(demo_db, tmp_path, monkey
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = dg.DagsterInstance.get()
     key = register(config, "jobs", instance)[0]
+    return path, home, instance, key
+
+
+def test_killed_partition_pays_at_most_in_flight_again(demo_db, tmp_path, monkeypatch, server) -> None:
+    path, home, instance, key = _one_slow_partition(demo_db, tmp_path, monkeypatch, server)
     env = {"BACKFILL_CONFIG": str(path), "DAGSTER_HOME": str(home), "OPENAI_API_KEY": OPENAI_KEY}
     proc = _spawn(key, env)
     deadline = time.time() + 120
@@ -332,17 +339,7 @@ def _distinct_texts(db: Path) -> int:
 def test_a_killed_cli_run_is_marked_failed_and_its_partition_taken_over(demo_db, tmp_path, monkeypatch, server) -> None:
     """`backfill-pipeline materialize` killed with SIGKILL mid-partition: nothing is left STARTED or stuck.
     The next command marks the dead run failed and, once the lease has expired, finishes the partition."""
-    data = provider_config(demo_db, server)
-    data["datasets"]["jobs"]["partitioning"]["width"] = 1000
-    data["datasets"]["jobs"]["enrichment"]["max_in_flight"] = 4
-    data["datasets"]["jobs"]["lease_seconds"] = 3
-    server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.05)
-    path, config = setup(tmp_path, data, monkeypatch)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    instance = dg.DagsterInstance.get()
-    key = register(config, "jobs", instance)[0]
+    path, home, instance, key = _one_slow_partition(demo_db, tmp_path, monkeypatch, server)
     env = subprocess_env(BACKFILL_CONFIG=str(path), DAGSTER_HOME=str(home), OPENAI_API_KEY=OPENAI_KEY)
     command = [str(Path(sys.executable).parent / "backfill-pipeline"), "materialize", "--partition", key, "--yes"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
