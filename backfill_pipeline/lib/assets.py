@@ -24,7 +24,6 @@ from ..stores import SchemaError
 from .resources import DatabaseResource, DatasetResources, ResourceKeys
 
 IO_MANAGER_KEY = "parquet_io_manager"
-ASSET_NAMES = ("raw_rows", "detected_placeholders", "llm_enrichment", "embeddings", "written_table")
 EMBEDDING_POOL = "embedding_api"
 ENRICHMENT_POOL = "llm_api"
 
