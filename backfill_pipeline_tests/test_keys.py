@@ -97,3 +97,29 @@ def test_postgres_keys_are_checked_with_the_schema(pg_db, case: str) -> None:
         )
         with pytest.raises(SchemaError, match=expected):
             store.check_schema()
+
+
+def test_a_uuid_key_is_one_line_from_register_not_a_cast_traceback(pg_db, tmp_path: Path) -> None:
+    """The chat-app seed's Supabase tables are keyed by UUID: the commands that read partitions say what
+    is wrong, naming the column and its type, before any statement casts the id."""
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env, write_config
+
+    url, schema = pg_db
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".docs (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), body text)')
+        conn.execute(f'INSERT INTO "{schema}".docs (body) VALUES (%s), (%s)', ["a", "b"])
+    dataset = {"database_url": {"env": "DOCS_DATABASE_URL"}, "schema": schema, "table": "docs"}
+    dataset |= {"text": {"columns": ["body"]}, "embedding": {"dimension": 8}}
+    path = write_config(tmp_path, {"datasets": {"docs": dataset}})
+    (tmp_path / "home").mkdir()
+    env = subprocess_env(BACKFILL_CONFIG=str(path), DAGSTER_HOME=str(tmp_path / "home"), DOCS_DATABASE_URL=url)
+    cli = str(Path(sys.executable).parent / "backfill-pipeline")
+    done = subprocess.run([cli, "register"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: dataset 'docs': id column {schema}.docs.id has type uuid; partitions by id range need an integer "
+        "column (smallint, integer or bigint)"
+    ]

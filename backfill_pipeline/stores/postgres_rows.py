@@ -100,12 +100,7 @@ class PostgresRows(RowStore):
                 f"{where} is {emb.formatted} but embedding.dimension is {lay.dimension}; set "
                 f"embedding.dimension to {emb.dimension} or change the column's type"
             )
-        id_type = self.catalog.columns(lay.source)[lay.id_column]
-        if id_type.typname not in INTEGER_TYPES:
-            raise SchemaError(
-                f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} has type {id_type.formatted}; "
-                "partitions by id range need an integer column (smallint, integer or bigint)"
-            )
+        self.check_integer_ids()
         if lay.separate and not self._unique(lay.target, lay.target_id_column):
             raise SchemaError(
                 f"dataset '{lay.dataset}': column {lay.target}.{lay.target_id_column} has no primary key or unique "
@@ -120,6 +115,22 @@ class PostgresRows(RowStore):
                     f"dataset '{lay.dataset}': column {lay.target.name}.{skills} has type {kind.formatted}; "
                     "skills need jsonb, json, text[] or text"
                 )
+
+    def check_integer_ids(self) -> None:
+        """Partitions are id ranges and cursors are ids: a UUID or text id is one clear error, before any
+        statement casts it (``cannot cast type uuid to bigint``)."""
+        lay = self.layout
+        columns = self.catalog.columns(lay.source)
+        if not columns:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} does not exist")
+        id_type = columns.get(lay.id_column)
+        if id_type is None:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {lay.id_column}")
+        if id_type.typname not in INTEGER_TYPES:
+            raise SchemaError(
+                f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} has type {id_type.formatted}; "
+                "partitions by id range need an integer column (smallint, integer or bigint)"
+            )
 
     def _unique(self, table: TableRef, column: str) -> bool:
         """Whether a unique index (or the primary key) covers exactly ``column`` of ``table``."""
@@ -175,6 +186,7 @@ class PostgresRows(RowStore):
         return sql.SQL("(SELECT * FROM {}{}) AS s").format(self.src, where)
 
     def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
+        self.check_integer_ids()
         where = sql.SQL(" WHERE s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
         query = sql.SQL(
             "SELECT s.{id}::bigint / %s AS bucket, max(s.{id})::bigint FROM {src}{where} GROUP BY 1 ORDER BY 1"
@@ -183,6 +195,7 @@ class PostgresRows(RowStore):
         return [(int(b), int(m)) for b, m in self.conn.execute(query, params)]
 
     def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
+        self.check_integer_ids()
         archive = sql.Identifier(self.layout.archive_column or "")
         where = sql.SQL(" AND s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
         query = sql.SQL(
