@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from . import stopping
 from .cli_runs import cli_instance, cli_run_tags, dagster_home, fail_dead_cli_runs
 from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
 from .coverage import Coverage, partition_coverage
@@ -129,8 +130,12 @@ def _run_config(name: str, force: bool, limit: int | None) -> dict:
 
 def _run_partition(config_path: str | None, name: str, key: str, force: bool, limit: int | None) -> tuple:
     """One partition's run in this process: (key, status, rows written, seconds, run id), where the status is
-    "ok", "FAILED" or "SKIPPED (held by run …)" when another live run holds the partition."""
+    "ok", "FAILED", "SKIPPED (held by run …)" when another live run holds the partition, "STOPPED" when a
+    graceful stop ended it, or "NOT STARTED" when the stop came first."""
     started = time.monotonic()
+    if stopping.requested():
+        return key, STATUS_NOT_STARTED, 0, 0.0, ""
+    written_before = stopping.written()
     job = _job_cache(config_path, name)
     result = job.execute_in_process(
         partition_key=key,
@@ -147,7 +152,23 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
         held = mat.metadata.get("held_by_run")
         if held is not None and result.success:
             status = f"SKIPPED (held by run {str(held.value)[:8]}, which is still working on it)"
+    if not result.success and stopping.requested():
+        status, written = STATUS_STOPPED, stopping.written() - written_before
     return key, status, written, time.monotonic() - started, result.run_id
+
+
+STATUS_STOPPED = "STOPPED (completed rows written, the rest left for the next run)"
+STATUS_NOT_STARTED = "NOT STARTED (stop requested)"
+
+
+def _worker_started() -> None:
+    """A forked worker of ``--parallel``: a signal asks for a graceful stop, a second ends it at once."""
+    stopping.install_for_process()
+
+
+def _kill_workers() -> None:
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 @functools.cache
@@ -184,14 +205,19 @@ def materialize_partitions(
         warm_up(dataset.enrichment)
         # fork where available: the workers start with Dagster already imported (seconds saved per worker)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context(method))
+        pool = ProcessPoolExecutor(
+            max_workers=parallel, mp_context=multiprocessing.get_context(method), initializer=_worker_started
+        )
         futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
         results = (f.result() for f in as_completed(futures))
     try:
-        for n, (key, status, written, seconds, run_id) in enumerate(results, 1):
-            line = f"  [{n}/{len(keys)}] {name} {key}: {status}, {written} rows written in {seconds:.1f}s"
-            print(f"{line} (run {run_id[:8]})", flush=True)
-            ok &= status == "ok"
+        with stopping.graceful_signals(at_once=_kill_workers if parallel > 1 else None):
+            for n, (key, status, written, seconds, run_id) in enumerate(results, 1):
+                line = f"  [{n}/{len(keys)}] {name} {key}: {status}"
+                if status != STATUS_NOT_STARTED:
+                    line += f", {written} rows written in {seconds:.1f}s (run {run_id[:8]})"
+                print(line, flush=True)
+                ok &= status == "ok"
     finally:
         if parallel > 1:
             pool.shutdown()
@@ -200,6 +226,8 @@ def materialize_partitions(
 
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
+    stopping.reset()
+    stopping.exit_on_second_signal()
     instance = cli_instance()
     for run_id in fail_dead_cli_runs(instance):
         print(f"run {run_id[:8]} was left unfinished by a process that is gone; marked failed")
@@ -218,6 +246,12 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
         ok &= materialize_partitions(
             args.config, name, keys, force=args.force, limit=args.limit, parallel=args.parallel
         )
+    if stopping.requested():
+        print(
+            f"stopped by {stopping.reason()}: what was completed is written; run the same command again to "
+            "continue (rows already done are not paid for again)"
+        )
+        return stopping.EXIT_AT_ONCE
     return 0 if ok else 1
 
 
@@ -378,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return stopping.EXIT_AT_ONCE
 
 
 if __name__ == "__main__":

@@ -48,6 +48,16 @@ def _errors(failures: list[RowFailure], rows: int) -> tuple[pa.Array, pa.Array]:
     return pa.array(classes, pa.string()), pa.array(messages, pa.string())
 
 
+def _without_unsent(table: pa.Table, unsent: list[int]) -> pa.Table:
+    """Rows a graceful stop left unsent have neither a result nor a failure: they are not in the table."""
+    if not unsent:
+        return table
+    keep = [True] * table.num_rows
+    for i in unsent:
+        keep[i] = False
+    return table.filter(pa.array(keep))
+
+
 def enrichment_table(dataset: DatasetConfig, todo: pa.Table, outcome: EnrichOutcome) -> pa.Table:
     """One row per row sent for enrichment: its fields (skills as a JSON array), or its error."""
     columns: dict[str, pa.Array | pa.ChunkedArray] = {"id": todo.column("id")}
@@ -64,14 +74,14 @@ def enrichment_table(dataset: DatasetConfig, todo: pa.Table, outcome: EnrichOutc
     made = pa.array([r is not None for r in outcome.results])
     columns["content_hash"] = pc.if_else(made, todo.column("content_hash"), pa.scalar(None, pa.string()))
     columns["error_class"], columns["error"] = _errors(outcome.failures, todo.num_rows)
-    return pa.table(columns, schema=enrichment_schema(dataset))
+    return _without_unsent(pa.table(columns, schema=enrichment_schema(dataset)), outcome.unsent)
 
 
 def embeddings_table(dataset: DatasetConfig, todo: pa.Table, outcome: EmbedOutcome) -> pa.Table:
     """One row per row sent for embedding: vector, content hash and model, or its error."""
     ok = outcome.ok
     error_class, error = _errors(outcome.failures, todo.num_rows)
-    return pa.table(
+    table = pa.table(
         {
             "id": todo.column("id"),
             "embedding": matrix_array(outcome.vectors, ok),
@@ -82,6 +92,7 @@ def embeddings_table(dataset: DatasetConfig, todo: pa.Table, outcome: EmbedOutco
         },
         schema=embeddings_schema(dataset),
     )
+    return _without_unsent(table, outcome.unsent)
 
 
 def failed_ids(table: pa.Table) -> pa.Array:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import stopping
 from .config import DatasetConfig, ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
 from .engine import CallPolicy, embed_texts, enrich_texts
@@ -137,6 +138,7 @@ def call_provider(
             return holder
         provider = make_provider()
         policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
+        policy.stop = stopping.requested
 
         async def go() -> T:
             try:
@@ -186,12 +188,15 @@ def enrich_rows(
     table = enrichment_table(dataset, todo, outcome)
     _log_failures(log, "enrichment", table)
     failed = len(outcome.failures)
+    stopped = _write_if_stopped(lease, dataset, detected, table, embeddings_schema(dataset).empty_table(), log)
     return StepResult(
         table,
         {
             "rows_in": todo.num_rows,
-            "rows_enriched": todo.num_rows - failed,
+            "rows_enriched": todo.num_rows - failed - len(outcome.unsent),
             "rows_failed": failed,
+            "rows_unsent": len(outcome.unsent),
+            **stopped,
             **usage_metadata(usage, spec),
             **timing(started, todo.num_rows),
         },
@@ -236,17 +241,35 @@ def embed_rows(
     outcome, usage = called
     table = embeddings_table(dataset, todo, outcome)
     _log_failures(log, "embedding", table)
+    stopped = _write_if_stopped(lease, dataset, detected, enrichment, table, log)
     return StepResult(
         table,
         {
             "rows_in": todo.num_rows,
             "rows_embedded": int(outcome.ok.sum()),
             "rows_failed": len(outcome.failures),
+            "rows_unsent": len(outcome.unsent),
+            **stopped,
             "rows_held_back": held_back,
             **usage_metadata(usage, spec),
             **timing(started, todo.num_rows),
         },
     )
+
+
+def _write_if_stopped(
+    lease: Lease, dataset: DatasetConfig, detected: pa.Table, enrichment: pa.Table, embeddings: pa.Table, log: Log
+) -> dict[str, object]:
+    """After a graceful stop, the run ends with this step: write what is done now, so no paid answer waits
+    for a later run, and release the partition."""
+    if not stopping.requested():
+        return {}
+    with lease.open_store() as store:
+        written = write_rows(store, dataset, lease, detected, enrichment, embeddings, log)
+    rows = written.metadata.get("rows_written", 0)
+    stopping.record_written(rows)
+    log.warning(f"partition {lease.key}: stopped by {stopping.reason()}; {rows} completed rows written")
+    return {"outcome": "stopped", "rows_written": rows, "stopped_by": stopping.reason()}
 
 
 def _log_failures(log: Log, stage: str, table: pa.Table) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from backfill_pipeline.engine import embed_texts, enrich_texts
+from backfill_pipeline.engine import CallPolicy, embed_texts, enrich_texts
 from backfill_pipeline.providers.base import EmbeddingProvider, EnrichmentProvider, ProviderError
 
 
@@ -80,3 +80,50 @@ def test_progress_is_reported() -> None:
         )
     )
     assert seen[-1] == (20, 20) and all(t == 20 for _, t in seen) and len(seen) >= 2
+
+
+class SlowEmbedder(PickyEmbedder):
+    """Each request takes ``seconds``; a stop is requested once ``stop_after`` requests were answered."""
+
+    def __init__(self, seconds: float, stop_after: int) -> None:
+        super().__init__()
+        self.seconds, self.stop_after, self.answered = seconds, stop_after, 0
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        await asyncio.sleep(self.seconds)
+        self.answered += 1
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+
+def _stopping_policy(provider: SlowEmbedder, grace: float) -> CallPolicy:
+    return CallPolicy(stop=lambda: provider.answered >= provider.stop_after, stop_grace_seconds=grace)
+
+
+def test_a_stop_sends_nothing_more_and_lets_requests_in_flight_finish() -> None:
+    provider = SlowEmbedder(seconds=0.05, stop_after=3)
+    texts = [f"text {i}" for i in range(80)]  # 10 requests of 8, 2 at a time
+    outcome = asyncio.run(
+        embed_texts(provider, texts, batch_size=8, max_in_flight=2, policy=_stopping_policy(provider, 5))
+    )
+    done = int(outcome.ok.sum())
+    assert provider.answered in (3, 4)  # the request in flight at the stop finished; nothing more was sent
+    assert done == 8 * provider.answered and not outcome.failures  # left unsent, not failed
+    assert sorted(outcome.unsent) == [i for i in range(80) if not outcome.ok[i]] and len(outcome.unsent) == 80 - done
+
+
+def test_requests_in_flight_past_the_grace_are_abandoned_unsent() -> None:
+    provider = SlowEmbedder(seconds=0.0, stop_after=1)
+    durations = iter([0.01, 30.0])  # the second request hangs
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        await asyncio.sleep(next(durations))
+        provider.answered += 1
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    provider.embed = embed  # type: ignore[method-assign]
+    texts = [f"text {i}" for i in range(16)]
+    policy = _stopping_policy(provider, grace=0.3)
+    outcome = asyncio.run(
+        asyncio.wait_for(embed_texts(provider, texts, batch_size=8, max_in_flight=2, policy=policy), 10)
+    )
+    assert outcome.ok.sum() == 8 and outcome.unsent == list(range(8, 16)) and not outcome.failures

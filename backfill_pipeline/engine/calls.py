@@ -20,6 +20,7 @@ from ..config import ProviderRetrySpec
 from ..providers.base import EmbeddingProvider, EnrichmentProvider, ProviderError
 from ..ratelimit import LocalBudget, RateLimiter, RateLimitSpec
 from ..redact import mask_secrets
+from ..stopping import StopRequested
 
 ProgressFn = Callable[[int, int], None]
 
@@ -45,6 +46,8 @@ class CallPolicy:
     retry: ProviderRetrySpec = field(default_factory=ProviderRetrySpec)
     max_in_flight: int = 8
     expected_output_tokens: int = 0
+    stop: Callable[[], bool] = lambda: False  # a graceful stop was requested: send nothing more
+    stop_grace_seconds: float = 10.0  # how long requests in flight may still take after a stop
 
 
 def error_class(exc: BaseException) -> str:
@@ -97,7 +100,11 @@ async def call_with_retries(
     retry = policy.retry
     for attempt in range(1, retry.max_attempts + 1):
         async with gate:
+            if policy.stop():
+                raise StopRequested
             await policy.limiter.acquire(tokens)
+            if policy.stop():
+                raise StopRequested
             provider.usage.requests += 1
             provider.usage.inputs += inputs
             try:
@@ -122,6 +129,8 @@ async def call_with_retries(
         if attempt == retry.max_attempts:
             error.attempts = attempt
             raise error
+        if policy.stop():
+            raise StopRequested  # not retried now: the rows stay unsettled, for the next run
         provider.usage.retries += 1
         await asyncio.sleep(delay * random.uniform(0.9, 1.25))  # jitter: processes do not retry in lockstep
     raise AssertionError("unreachable")

@@ -10,6 +10,7 @@ stage says only how to key, send, read and keep its answers (as pgai's ``Embedde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from ..cache import decode_answer, decode_vector, embedding_key, encode_answer, encode_vector, enrichment_key
 from ..providers.base import EmbeddingProvider, Enrichment, EnrichmentProvider, ProviderError
+from ..stopping import StopRequested
 from .calls import (
     CallPolicy,
     FatalProviderError,
@@ -76,6 +78,28 @@ class Stage(ABC, Generic[R]):
     def encode(self, result: R) -> bytes: ...
 
 
+@dataclass
+class StageResult:
+    failures: list[RowFailure]
+    unsent: list[int]  # rows left without a result or a failure by a graceful stop: for the next run
+
+
+async def _finish(work: asyncio.Future, policy: CallPolicy) -> None:
+    """Wait for ``work``; after a stop is requested, give the requests in flight a grace, then cancel."""
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    while not work.done():
+        await asyncio.wait({work}, timeout=0.2)
+        if deadline is None and policy.stop():
+            deadline = loop.time() + policy.stop_grace_seconds
+        if deadline is not None and loop.time() >= deadline and not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return
+    work.result()  # a fatal provider error stops the step
+
+
 def _unique(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i in wanted:
@@ -92,8 +116,9 @@ async def run_stage(
     max_in_flight: int | None,
     progress: ProgressFn | None,
     progress_every: int,
-) -> list[RowFailure]:
-    """Run ``stage`` over ``texts``; return the failed rows (the results are kept by the stage)."""
+) -> StageResult:
+    """Run ``stage`` over ``texts``; return the failed rows and those a stop left unsent (the results are
+    kept by the stage)."""
     provider = stage.provider
     n = len(texts)
     failures: list[RowFailure] = []
@@ -104,6 +129,7 @@ async def run_stage(
 
     cached = await policy.cache.get_many(sorted(set(keys)))
     done = [key in cached and stage.load(i, cached[key]) for i, key in enumerate(keys)]
+    settled = list(done)
     hits = sum(done)
     provider.usage.cache_hits += hits
     tracker.add(hits)
@@ -113,6 +139,11 @@ async def run_stage(
 
     def fail(members: list[int], error: str, message: str, attempts: int = 1) -> None:
         failures.extend(RowFailure(m, error, message, attempts) for m in members)
+        settle(members)
+
+    def settle(members: list[int]) -> None:
+        for m in members:
+            settled[m] = True
         tracker.add(len(members))
 
     async def run(batch: list[int]) -> None:
@@ -126,7 +157,9 @@ async def run_stage(
                 gate=gate,
             )
             results = stage.read(answer, len(batch))
-        except FatalProviderError:
+        except (FatalProviderError, StopRequested) as exc:
+            if isinstance(exc, StopRequested):
+                return  # not sent, or not retried: the rows stay unsettled
             raise
         except Exception as exc:  # noqa: BLE001 - every other failure becomes a row failure
             if len(batch) > 1 and error_class(exc) in stage.split_on:
@@ -144,12 +177,14 @@ async def run_stage(
                 continue
             stage.keep(members, result)
             fresh[keys[i]] = stage.encode(result)
-            tracker.add(len(members))
+            settle(members)
         await policy.cache.put_many(fresh)  # paid for: keep it before anything else can go wrong
 
     size = min(batch_size, provider.max_batch_size)
-    await asyncio.gather(*(run(b) for b in batches(leaders, tokens, size, stage.max_batch_tokens)))
-    return sorted(failures, key=lambda f: f.index)
+    work = asyncio.gather(*(run(b) for b in batches(leaders, tokens, size, stage.max_batch_tokens)))
+    await _finish(work, policy)
+    unsent = [i for i in range(n) if not settled[i]]
+    return StageResult(sorted(failures, key=lambda f: f.index), unsent)
 
 
 # -- embeddings --------------------------------------------------------------------------------------
@@ -158,6 +193,7 @@ class EmbedOutcome:
     vectors: np.ndarray
     ok: np.ndarray
     failures: list[RowFailure] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)
 
 
 class EmbeddingStage(Stage[np.ndarray]):
@@ -213,7 +249,7 @@ async def embed_texts(
     progress_every: int = 1000,
 ) -> EmbedOutcome:
     stage = EmbeddingStage(provider, len(texts))
-    failures = await run_stage(
+    result = await run_stage(
         stage,
         texts,
         batch_size=batch_size,
@@ -222,7 +258,7 @@ async def embed_texts(
         progress=progress,
         progress_every=progress_every,
     )
-    return EmbedOutcome(vectors=stage.vectors, ok=stage.ok, failures=failures)
+    return EmbedOutcome(vectors=stage.vectors, ok=stage.ok, failures=result.failures, unsent=result.unsent)
 
 
 # -- enrichment --------------------------------------------------------------------------------------
@@ -230,6 +266,7 @@ async def embed_texts(
 class EnrichOutcome:
     results: list[Enrichment | None]
     failures: list[RowFailure] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)
 
 
 def _schema_error(exc: ValidationError) -> RowError:
@@ -294,7 +331,7 @@ async def enrich_texts(
 ) -> EnrichOutcome:
     policy = policy or CallPolicy()
     stage = EnrichmentStage(provider, len(texts), policy.expected_output_tokens)
-    failures = await run_stage(
+    result = await run_stage(
         stage,
         texts,
         batch_size=batch_size,
@@ -303,4 +340,4 @@ async def enrich_texts(
         progress=progress,
         progress_every=progress_every,
     )
-    return EnrichOutcome(results=stage.results, failures=failures)
+    return EnrichOutcome(results=stage.results, failures=result.failures, unsent=result.unsent)

@@ -15,7 +15,7 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from .. import steps
+from .. import steps, stopping
 from ..config import ConfigError, DatasetConfig
 from ..engine import FatalProviderError
 from ..leases import Lease, fresh_within
@@ -41,13 +41,32 @@ class DetectionConfig(dg.Config):
 
 
 @contextmanager
-def fail_without_retry(stage: str) -> Iterator[None]:
-    """A table that does not fit the config, a missing key or an unknown model will not be fixed by a
-    retry: fail at once, with the one-line message."""
+def step_boundary(context: dg.AssetExecutionContext, stage: str, last: bool = False) -> Iterator[None]:
+    """Around each step: a first Ctrl+C or SIGTERM (a run terminated from the UI) asks for a graceful stop
+    (see :mod:`backfill_pipeline.stopping`), which ends the run after this step unless it is the ``last``;
+    a table that does not fit the config, a missing key or an unknown model will not be fixed by a retry:
+    fail at once, with the one-line message."""
     try:
-        yield
+        with stopping.graceful_signals():
+            yield
     except (SchemaError, ConfigError, FatalProviderError) as exc:
         raise dg.Failure(description=mask_secrets(f"{stage}: {exc}"), allow_retries=False) from None
+    if stopping.requested() and not last:
+        end_run_canceled(context)
+
+
+def end_run_canceled(context: dg.AssetExecutionContext) -> None:
+    """End the run after a graceful stop: the step that stopped has written what it completed. Marked
+    canceling first (a run terminated from the UI already is), the failed step makes Dagster record the run
+    as canceled; an interrupt would instead be retried, and write again."""
+    run = context.instance.get_run_by_id(context.run.run_id)
+    if run is not None and run.status == dg.DagsterRunStatus.STARTED:
+        context.instance.report_run_canceling(run, message=f"stop requested by {stopping.reason()}")
+    raise dg.Failure(
+        description=f"stopped by {stopping.reason()}: {stopping.written()} completed rows written; the rest is "
+        "left for the next run",
+        allow_retries=False,
+    )
 
 
 def partition_lease(context: dg.AssetExecutionContext, dataset: DatasetConfig, database: DatabaseResource) -> Lease:
@@ -107,7 +126,7 @@ def build_dataset_assets(
     )
     def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[pa.Table]:
         database = res(context).database
-        with fail_without_retry("raw_rows"), database.open(dataset) as store:
+        with step_boundary(context, "raw_rows"), database.open(dataset) as store:
             lease = partition_lease(context, dataset, database)
             out = steps.read_rows(store, dataset, lease, context.log, migrate=config.migrate)
         return dg.Output(out.table, metadata=out.metadata)
@@ -124,7 +143,7 @@ def build_dataset_assets(
     def detected_placeholders(
         context: dg.AssetExecutionContext, config: DetectionConfig, raw_rows: pa.Table
     ) -> dg.Output[pa.Table]:
-        with fail_without_retry("detected_placeholders"), res(context).database.open(dataset) as store:
+        with step_boundary(context, "detected_placeholders"), res(context).database.open(dataset) as store:
             out = steps.detect_rows(
                 store,
                 dataset,
@@ -148,7 +167,7 @@ def build_dataset_assets(
     )
     def llm_enrichment(context: dg.AssetExecutionContext, detected_placeholders: pa.Table) -> dg.Output[pa.Table]:
         r = res(context)
-        with fail_without_retry("enrichment"):
+        with step_boundary(context, "enrichment"):
             out = steps.enrich_rows(
                 partition_lease(context, dataset, r.database),
                 dataset,
@@ -173,7 +192,7 @@ def build_dataset_assets(
         context: dg.AssetExecutionContext, detected_placeholders: pa.Table, llm_enrichment: pa.Table
     ) -> dg.Output[pa.Table]:
         r = res(context)
-        with fail_without_retry("embeddings"):
+        with step_boundary(context, "embeddings"):
             out = steps.embed_rows(
                 partition_lease(context, dataset, r.database),
                 dataset,
@@ -201,7 +220,7 @@ def build_dataset_assets(
         embeddings: pa.Table,
     ) -> dg.MaterializeResult:
         database = res(context).database
-        with fail_without_retry("written_table"), database.open(dataset) as store:
+        with step_boundary(context, "written_table", last=True), database.open(dataset) as store:
             out = steps.write_rows(
                 store,
                 dataset,
