@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from .conftest import REPO, subprocess_env, write_config
+from .fake_providers import OPENAI_KEY, FakeProviderServer, ModelLimits
 from .pg import create_database, drop_database
 from .test_postgres_scenarios import posting, sql
 
@@ -23,6 +26,8 @@ BIN = Path(sys.executable).parent
 ASSETS = ["raw_rows", "detected_placeholders", "llm_enrichment", "embeddings", "written_table"]
 LAUNCH = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+TERMINATE = """mutation($runId: String!) { terminateRun(runId: $runId) {
+  __typename ... on PythonError { message } ... on TerminateRunFailure { message } } }"""
 STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
   __typename ... on PartitionBackfill { status } ... on PythonError { message } } }"""
 
@@ -43,58 +48,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def production(tmp_path: Path, pg_server_url: str):
-    dagster_db = create_database(pg_server_url)
-    data_db = create_database(pg_server_url)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    yield home, dagster_db, data_db
-    drop_database(pg_server_url, dagster_db)
-    drop_database(pg_server_url, data_db)
-
-
-def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: Path) -> None:
-    home, dagster_db, data_db = production
-    sql(
-        data_db,
-        "CREATE TABLE jobs_enriched (id bigint PRIMARY KEY, title text, company text, description text, "
-        "embedding jsonb)",
-    )
-    with psycopg.connect(data_db) as conn:
-        conn.cursor().executemany(
-            "INSERT INTO jobs_enriched (id, title, company, description) VALUES (%s,%s,%s,%s)",
-            [(i, *posting(i)) for i in range(1, 121)],
-        )
-    config = write_config(
-        tmp_path,
-        {
-            "datasets": {
-                "jobs": {
-                    "database_url": {"env": "JOBS_DATABASE_URL"},
-                    "table": "jobs_enriched",
-                    "text": {"template": "{title} at {company}\n\n{description}"},
-                    "embedding": {"dimension": 768},
-                    "enrichment": {"enabled": True},
-                    "partitioning": {"width": 50},
-                }
-            }
-        },
-    )
-    env = subprocess_env(
-        BACKFILL_CONFIG=str(config),
-        JOBS_DATABASE_URL=data_db,
-        DAGSTER_HOME=str(home),
-        DAGSTER_POSTGRES_URL=dagster_db.replace("postgresql", "postgresql+psycopg2", 1),
-    )
-    cli = str(BIN / "backfill-pipeline")
-    for args in (["migrate"], ["register"], ["pools", "--embedding", "2", "--llm", "2"]):
-        done = subprocess.run([cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+@contextmanager
+def _services(env: dict, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """dagster-webserver and dagster-daemon on the project's workspace: (webserver port, log folder)."""
     port = _port()
     logs = tmp_path / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     procs = [
         subprocess.Popen(
             [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -120,22 +79,7 @@ def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: P
             except OSError:
                 assert time.time() < deadline, (logs / "web.out").read_text()[-3000:]
                 time.sleep(1)
-        keys = ["0000000000-0000000049", "0000000050-0000000099", "0000000100-0000000149"]
-        launched = _graphql(
-            port,
-            LAUNCH,
-            {"params": {"assetSelection": [{"path": ["jobs", a]} for a in ASSETS], "partitionNames": keys}},
-        )
-        result = launched["launchPartitionBackfill"]
-        assert result["__typename"] == "LaunchBackfillSuccess", result
-        status = None
-        deadline = time.time() + 360
-        while time.time() < deadline:
-            status = _graphql(port, STATUS, {"id": result["backfillId"]})["partitionBackfillOrError"]["status"]
-            if status not in ("REQUESTED", "CANCELING"):
-                break
-            time.sleep(2)
-        assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (status, (logs / "daemon.out").read_text()[-3000:])
+        yield port, logs
     finally:
         for proc in procs:
             proc.terminate()
@@ -144,6 +88,85 @@ def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: P
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _launch(port: int, keys: list[str]) -> dict:
+    """A partition backfill of the whole graph, launched as the UI launches it."""
+    launched = _graphql(
+        port, LAUNCH, {"params": {"assetSelection": [{"path": ["jobs", a]} for a in ASSETS], "partitionNames": keys}}
+    )
+    result = launched["launchPartitionBackfill"]
+    assert result["__typename"] == "LaunchBackfillSuccess", result
+    return result
+
+
+def _backfill_status(port: int, backfill_id: str, timeout: float = 360) -> str | None:
+    status = None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _graphql(port, STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
+        if status not in ("REQUESTED", "CANCELING"):
+            break
+        time.sleep(2)
+    return status
+
+
+@pytest.fixture
+def production(tmp_path: Path, pg_server_url: str):
+    dagster_db = create_database(pg_server_url)
+    data_db = create_database(pg_server_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    yield home, dagster_db, data_db
+    drop_database(pg_server_url, dagster_db)
+    drop_database(pg_server_url, data_db)
+
+
+def _project(production, tmp_path: Path, rows: int, **dataset: object) -> dict:
+    """A table of ``rows`` postings, a config reading its URL from the environment, migrated and registered
+    by the CLI: the environment for the webserver and the daemon."""
+    home, dagster_db, data_db = production
+    sql(
+        data_db,
+        "CREATE TABLE jobs_enriched (id bigint PRIMARY KEY, title text, company text, description text, "
+        "embedding jsonb)",
+    )
+    with psycopg.connect(data_db) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO jobs_enriched (id, title, company, description) VALUES (%s,%s,%s,%s)",
+            [(i, *posting(i)) for i in range(1, rows + 1)],
+        )
+    jobs = {
+        "database_url": {"env": "JOBS_DATABASE_URL"},
+        "table": "jobs_enriched",
+        "text": {"template": "{title} at {company}\n\n{description}"},
+        "embedding": {"dimension": 768},
+        "enrichment": {"enabled": True},
+        "partitioning": {"width": 50},
+        **dataset,
+    }
+    env = subprocess_env(
+        BACKFILL_CONFIG=str(write_config(tmp_path, {"datasets": {"jobs": jobs}})),
+        JOBS_DATABASE_URL=data_db,
+        DAGSTER_HOME=str(home),
+        DAGSTER_POSTGRES_URL=dagster_db.replace("postgresql", "postgresql+psycopg2", 1),
+        OPENAI_API_KEY=OPENAI_KEY,
+    )
+    cli = str(BIN / "backfill-pipeline")
+    for args in (["migrate"], ["register"], ["pools", "--embedding", "2", "--llm", "2"]):
+        done = subprocess.run([cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    return env
+
+
+def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: Path) -> None:
+    _, dagster_db, data_db = production
+    env = _project(production, tmp_path, rows=120)
+    with _services(env, tmp_path) as (port, logs):
+        result = _launch(port, ["0000000000-0000000049", "0000000050-0000000099", "0000000100-0000000149"])
+        status = _backfill_status(port, result["backfillId"])
+        assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (logs / "daemon.out").read_text()[-3000:]
     counts = sql(
         data_db,
         "SELECT count(*) FILTER (WHERE jsonb_array_length(embedding) = 768 "
@@ -152,3 +175,53 @@ def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: P
     assert counts == (120, 120)
     runs = sql(dagster_db, "SELECT count(*) FROM runs WHERE status = 'SUCCESS'")[0][0]
     assert runs == 3  # one run per partition, recorded in Dagster's Postgres storage
+
+
+def test_a_run_terminated_from_the_ui_writes_what_it_paid_for(production, tmp_path: Path) -> None:
+    """The UI's Terminate on a run mid-enrichment: the requests in flight finish, the completed rows are
+    written, the lease is released, the run ends canceled, not retried; the next backfill pays for nothing
+    twice."""
+    _, dagster_db, data_db = production
+    server = FakeProviderServer().start()
+    server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.2)
+    openai = {"provider": "openai", "base_url": server.openai_url, "retry": {"transient_base_seconds": 0.05}}
+    env = _project(
+        production,
+        tmp_path,
+        rows=120,
+        partitioning={"width": 200},
+        lease_seconds=300,
+        embedding={**openai, "model": "text-embedding-3-small", "dimension": 768},
+        enrichment={**openai, "enabled": True, "model": "gpt-4o-mini", "max_in_flight": 2},
+    )
+    key = "0000000000-0000000199"
+    try:
+        with _services(env, tmp_path) as (port, logs):
+            _launch(port, [key])
+            deadline = time.time() + 180
+            while server.count("chat", 200) < 10:
+                assert time.time() < deadline, (logs / "daemon.out").read_text()[-3000:]
+                time.sleep(0.05)
+            [(run_id,)] = sql(dagster_db, "SELECT run_id FROM runs")
+            terminated = _graphql(port, TERMINATE, {"runId": run_id})["terminateRun"]
+            assert terminated["__typename"] == "TerminateRunSuccess", terminated
+            deadline = time.time() + 120
+            while (status := sql(dagster_db, "SELECT status FROM runs")[0][0]) not in ("CANCELED", "FAILURE"):
+                assert time.time() < deadline, status
+                time.sleep(0.5)
+            assert status == "CANCELED"
+            written = sql(data_db, "SELECT count(*) FROM jobs_enriched WHERE enrichment_model = 'gpt-4o-mini'")[0][0]
+            assert 10 <= written < 120  # what was answered is written; the rest was never sent
+            assert written >= server.count("chat", 200) - 2  # at most the requests in flight were not written
+            assert sql(data_db, "SELECT count(*) FROM backfill_leases")[0][0] == 0
+            events = "SELECT count(*) FROM event_logs WHERE dagster_event_type = 'STEP_UP_FOR_RETRY'"
+            assert sql(dagster_db, events)[0][0] == 0
+
+            result = _launch(port, [key])
+            status = _backfill_status(port, result["backfillId"])
+            assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (logs / "daemon.out").read_text()[-3000:]
+    finally:
+        server.stop()
+    assert server.repeated_texts("chat") == 0  # every answer of the canceled run was kept
+    pending = "SELECT count(*) FROM jobs_enriched WHERE summary IS NULL OR embedding IS NULL"
+    assert sql(data_db, pending)[0][0] == 0
