@@ -1,7 +1,9 @@
 """Paid results kept by (provider, model, dimension, content hash), so nothing is paid for twice.
 
 The engine looks results up before calling a provider and stores each answer as soon as it arrives, so a
-partition retried after a crash pays again for at most the requests that were in flight.
+partition retried after a crash pays again for at most the requests that were in flight. Before sending,
+it claims its texts for a short while (renewed while it works): a run that finds a text claimed by
+another waits for that answer instead of paying for it too.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +25,12 @@ class ResultCache(Protocol):
     async def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
 
     async def put_many(self, items: dict[str, bytes]) -> None: ...
+
+    async def claim(self, keys: list[str], owner: str, seconds: float) -> set[str]:
+        """The keys ``owner`` now holds for ``seconds`` (new claims and renewals)."""
+        ...
+
+    async def release(self, keys: list[str], owner: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -61,6 +70,12 @@ class NullCache:
     async def put_many(self, items: dict[str, bytes]) -> None:
         return None
 
+    async def claim(self, keys: list[str], owner: str, seconds: float) -> set[str]:
+        return set(keys)  # nothing is shared, so nothing is claimed by anyone else
+
+    async def release(self, keys: list[str], owner: str) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -77,8 +92,34 @@ class StoreCache:
     async def put_many(self, items: dict[str, bytes]) -> None:
         await asyncio.to_thread(self.ledger.cache_put, items)
 
+    async def claim(self, keys: list[str], owner: str, seconds: float) -> set[str]:
+        return await asyncio.to_thread(self.ledger.cache_claim, keys, owner, seconds)
+
+    async def release(self, keys: list[str], owner: str) -> None:
+        await asyncio.to_thread(self.ledger.cache_release, keys, owner)
+
     async def aclose(self) -> None:
         return None
+
+
+# A claim is taken when free or already ours (then renewed), atomically for the whole list.
+_CLAIM_SCRIPT = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if (not holder) or holder == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+    table.insert(held, i)
+  end
+end
+return held
+"""
+_RELEASE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
 
 
 class RedisCache:
@@ -104,6 +145,18 @@ class RedisCache:
             for key, value in items.items():
                 pipe.set(self.prefix + key, value, ex=self.ttl_seconds)
             await pipe.execute()
+
+    async def claim(self, keys: list[str], owner: str, seconds: float) -> set[str]:
+        if not keys:
+            return set()
+        names = [f"{self.prefix}claim:{k}" for k in keys]
+        held = await self._client.eval(_CLAIM_SCRIPT, len(names), *names, owner, math.ceil(seconds))
+        return {keys[int(i) - 1] for i in held}
+
+    async def release(self, keys: list[str], owner: str) -> None:
+        if keys:
+            names = [f"{self.prefix}claim:{k}" for k in keys]
+            await self._client.eval(_RELEASE_SCRIPT, len(names), *names, owner)
 
     async def aclose(self) -> None:
         await self._client.aclose()

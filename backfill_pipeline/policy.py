@@ -51,4 +51,5 @@ def build_policy(
         retry=spec.retry,
         max_in_flight=spec.max_in_flight,
         expected_output_tokens=expected_output_tokens,
+        claim_seconds=dataset.cache.claim_seconds,
     )

@@ -20,7 +20,11 @@ from .conftest import demo_config_dict, subprocess_env, write_config
 @pytest.fixture(params=["sqlite", "postgres"])
 def opener(request, tmp_path: Path):
     """A function opening a migrated store of a small table, on each backend."""
-    if request.param == "sqlite":
+    return migrated_opener(request.param, request, tmp_path)
+
+
+def migrated_opener(kind: str, request, tmp_path: Path):
+    if kind == "sqlite":
         url, schema = f"sqlite:///{tmp_path / 'leases.sqlite'}", None
         import sqlite3
 

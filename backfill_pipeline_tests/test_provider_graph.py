@@ -265,6 +265,7 @@ def _one_slow_partition(demo_db, tmp_path, monkeypatch, server) -> tuple[Path, P
     data["datasets"]["jobs"]["partitioning"]["width"] = 1000
     data["datasets"]["jobs"]["enrichment"]["max_in_flight"] = 4
     data["datasets"]["jobs"]["lease_seconds"] = 3
+    data["datasets"]["jobs"].setdefault("cache", {})["claim_seconds"] = 3  # the killed run's claims lapse soon
     server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.05)
     path, config = setup(tmp_path, data, monkeypatch)
     home = tmp_path / "home"

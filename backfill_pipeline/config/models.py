@@ -221,6 +221,12 @@ class CacheSpec(_Model):
     key_prefix: str = Field(
         default="backfill:", min_length=1, description="Prefix of every Redis key, to share one Redis safely."
     )
+    claim_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Runs at once pay for a text once: one claims it, the others wait for its answer. A claim "
+        "not renewed for this long (its run was killed) lapses, and another run pays for the text.",
+    )
 
     @model_validator(mode="after")
     def _redis_url(self) -> CacheSpec:

@@ -48,6 +48,8 @@ class CallPolicy:
     expected_output_tokens: int = 0
     stop: Callable[[], bool] = lambda: False  # a graceful stop was requested: send nothing more
     stop_grace_seconds: float = 10.0  # how long requests in flight may still take after a stop
+    claim_seconds: float = 30.0  # a claim on a text being paid for lapses this long after its last renewal
+    claim_poll_seconds: float = 0.25  # how often a run waiting for another run's answer looks for it
 
 
 def error_class(exc: BaseException) -> str:

@@ -3,7 +3,8 @@
 For each stage: texts are cut to the model's limit and counted; answers already paid for come from the
 cache; identical texts are sent once; the rest go in batches that respect the provider's input and token
 limits, many requests in flight, each one first reserving its share of the shared rate budget. Each
-answer is cached as soon as it arrives, so a crash pays again for at most the requests in flight. A
+answer is cached as soon as it arrives, so a crash pays again for at most the requests in flight; texts
+are claimed before they are sent, so runs working at once pay for each once (:mod:`.claims`). A
 stage says only how to key, send, read and keep its answers (as pgai's ``Embedder`` does).
 """
 
@@ -33,6 +34,7 @@ from .calls import (
     error_class,
     error_message,
 )
+from .claims import Claims
 
 R = TypeVar("R")  # one row's result: a vector, an enrichment
 
@@ -135,7 +137,12 @@ async def run_stage(
     tracker.add(hits)
     groups = _unique(keys, [i for i in range(n) if not done[i]])
     leaders = [members[0] for members in groups.values()]  # identical texts are paid for once
-    gate = asyncio.Semaphore(max_in_flight or policy.max_in_flight)
+    in_flight = max_in_flight or policy.max_in_flight
+    gate = asyncio.Semaphore(in_flight)
+    slots = asyncio.Semaphore(in_flight)  # batches claimed at once: a killed run holds only these
+    claims = Claims(policy.cache, policy.claim_seconds)
+    elsewhere: dict[str, int] = {}  # texts another run is paying for right now
+    size = min(batch_size, provider.max_batch_size)
 
     def fail(members: list[int], error: str, message: str, attempts: int = 1) -> None:
         failures.extend(RowFailure(m, error, message, attempts) for m in members)
@@ -147,6 +154,27 @@ async def run_stage(
         tracker.add(len(members))
 
     async def run(batch: list[int]) -> None:
+        """One batch: claim its texts, pay for those no other run is paying for, follow the others."""
+        async with slots:
+            taken = await claims.take([keys[i] for i in batch])
+            elsewhere.update({keys[i]: i for i in batch if keys[i] not in taken})
+            answered = await policy.cache.get_many(sorted(taken))  # by another run since this one looked
+            reused = [k for k in answered if reuse(k, answered)]
+            await claims.drop(reused)
+            mine = [i for i in batch if keys[i] in taken and keys[i] not in reused]
+            if mine:
+                await attempt(mine)
+
+    def reuse(key: str, answers: dict[str, bytes]) -> bool:
+        """Keep another run's answer for every row with this text; False when it is not usable."""
+        members = groups[key]
+        if not all([stage.load(m, answers[key]) for m in members]):
+            return False
+        provider.usage.cache_hits += len(members)
+        settle(members)
+        return True
+
+    async def attempt(batch: list[int]) -> None:
         try:
             answer, _ = await call_with_retries(
                 provider,
@@ -164,10 +192,11 @@ async def run_stage(
         except Exception as exc:  # noqa: BLE001 - every other failure becomes a row failure
             if len(batch) > 1 and error_class(exc) in stage.split_on:
                 half = len(batch) // 2
-                await asyncio.gather(run(batch[:half]), run(batch[half:]))
+                await asyncio.gather(attempt(batch[:half]), attempt(batch[half:]))
                 return
             for i in batch:  # every row the request stood for (identical texts share a request)
                 fail(groups[keys[i]], error_class(exc), error_message(exc), getattr(exc, "attempts", 1))
+            await claims.drop([keys[i] for i in batch])
             return
         fresh: dict[str, bytes] = {}
         for i, result in zip(batch, results, strict=True):
@@ -179,10 +208,32 @@ async def run_stage(
             fresh[keys[i]] = stage.encode(result)
             settle(members)
         await policy.cache.put_many(fresh)  # paid for: keep it before anything else can go wrong
+        await claims.drop([keys[i] for i in batch])
 
-    size = min(batch_size, provider.max_batch_size)
-    work = asyncio.gather(*(run(b) for b in batches(leaders, tokens, size, stage.max_batch_tokens)))
-    await _finish(work, policy)
+    async def send(rows: list[int]) -> None:
+        await asyncio.gather(*(run(b) for b in batches(rows, tokens, size, stage.max_batch_tokens)))
+
+    async def follow(sending: asyncio.Future) -> None:
+        """Texts another run is paying for: take its answer from the cache when it arrives, or pay for
+        the text here if that run's claim lapses (it was stopped or killed) without one."""
+        while (elsewhere or not sending.done()) and not policy.stop():
+            await asyncio.sleep(policy.claim_poll_seconds)
+            if not elsewhere:
+                continue
+            answers = await policy.cache.get_many(sorted(elsewhere))
+            for key in answers:
+                if reuse(key, answers):
+                    del elsewhere[key]
+            taken = await claims.take(sorted(elsewhere))
+            await send([elsewhere.pop(k) for k in sorted(taken)])
+
+    renewer = asyncio.ensure_future(claims.keep_renewed())
+    try:
+        sending = asyncio.ensure_future(send(leaders))
+        await _finish(asyncio.gather(sending, follow(sending)), policy)
+    finally:
+        renewer.cancel()
+        await claims.drop_all()  # what a stop left unsent is free for other runs at once
     unsent = [i for i in range(n) if not settled[i]]
     return StageResult(sorted(failures, key=lambda f: f.index), unsent)
 

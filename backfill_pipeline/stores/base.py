@@ -23,6 +23,7 @@ from .layout import TableLayout
 FAILURES_TABLE = "backfill_failures"
 LEASES_TABLE = "backfill_leases"
 CACHE_TABLE = "backfill_cache"
+CLAIM = "claim:"  # the cache table's keys for texts being paid for right now (see Ledger.cache_claim)
 BUDGET_TABLE = "backfill_rate_limits"
 OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE)
 
@@ -228,6 +229,16 @@ class Ledger(ABC):
 
     @abstractmethod
     def cache_put(self, items: dict[str, bytes]) -> None: ...
+
+    @abstractmethod
+    def cache_claim(self, keys: Sequence[str], owner: str, seconds: float) -> set[str]:
+        """Claim the texts about to be paid for, so runs at once pay for each only once: return the keys
+        now held by ``owner`` for ``seconds`` (newly, or renewed); a key another owner holds is not taken
+        until that claim expires. Claims are rows of the cache table under ``claim:`` keys."""
+
+    @abstractmethod
+    def cache_release(self, keys: Sequence[str], owner: str) -> None:
+        """Drop ``owner``'s claims on ``keys`` (answered, failed or abandoned)."""
 
     @abstractmethod
     def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:

@@ -13,7 +13,7 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from .base import BUDGET_TABLE, CACHE_TABLE, FAILURES_TABLE, LEASES_TABLE, Failure, Ledger, utc_now
+from .base import BUDGET_TABLE, CACHE_TABLE, CLAIM, FAILURES_TABLE, LEASES_TABLE, Failure, Ledger, utc_now
 from .layout import TableRef
 from .postgres_catalog import Catalog, Timeouts, connect, identifier
 
@@ -146,6 +146,29 @@ class PostgresLedger(Ledger):
                     "SET value = EXCLUDED.value, created_at = now()"
                 ).format(self.cache_table),
                 list(items.items()),
+            )
+
+    def cache_claim(self, keys: Sequence[str], owner: str, seconds: float) -> set[str]:
+        if not keys:
+            return set()
+        with self._side_lock:
+            rows = self._side().execute(
+                sql.SQL(
+                    "INSERT INTO {t} AS c (key, value, created_at) SELECT %s || k, %s, now() FROM unnest(%s::text[]) k "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, created_at = now() "
+                    "WHERE c.value = EXCLUDED.value OR c.created_at < now() - make_interval(secs => %s) RETURNING key"
+                ).format(t=self.cache_table),
+                [CLAIM, owner.encode(), sorted(keys), seconds],
+            )
+            return {k[len(CLAIM) :] for (k,) in rows}
+
+    def cache_release(self, keys: Sequence[str], owner: str) -> None:
+        if not keys:
+            return
+        with self._side_lock:
+            self._side().execute(
+                sql.SQL("DELETE FROM {} WHERE key = ANY(%s) AND value = %s").format(self.cache_table),
+                [[CLAIM + k for k in keys], owner.encode()],
             )
 
     def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:

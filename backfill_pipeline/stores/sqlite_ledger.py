@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from .base import BUDGET_TABLE, CACHE_TABLE, FAILURES_TABLE, LEASES_TABLE, OWN_TABLES, Failure, Ledger, utc_now
+from .base import BUDGET_TABLE, CACHE_TABLE, CLAIM, FAILURES_TABLE, LEASES_TABLE, OWN_TABLES, Failure, Ledger, utc_now
 from .sqlite_rows import immediate, table_columns
 
 _TABLES = {
@@ -115,6 +115,27 @@ class SQLiteLedger(Ledger):
                 f"INSERT INTO {CACHE_TABLE} (key, value, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value, created_at = excluded.created_at",
                 [(k, v, now) for k, v in items.items()],
+            )
+
+    def cache_claim(self, keys: Sequence[str], owner: str, seconds: float) -> set[str]:
+        now = time.time()
+        held: set[str] = set()
+        with self._lock, immediate(self.conn):
+            for key in keys:
+                row = self.conn.execute(
+                    f"INSERT INTO {CACHE_TABLE} (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value, created_at = excluded.created_at "
+                    f"WHERE {CACHE_TABLE}.value = excluded.value OR {CACHE_TABLE}.created_at < ? RETURNING key",
+                    [CLAIM + key, owner.encode(), now, now - seconds],
+                ).fetchone()
+                if row is not None:
+                    held.add(key)
+        return held
+
+    def cache_release(self, keys: Sequence[str], owner: str) -> None:
+        with self._lock, immediate(self.conn):
+            self.conn.executemany(
+                f"DELETE FROM {CACHE_TABLE} WHERE key = ? AND value = ?", [(CLAIM + k, owner.encode()) for k in keys]
             )
 
     def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
