@@ -44,6 +44,7 @@ def usage_metadata(usage: Usage, spec: ProviderSpec | None = None, prefix: str =
         f"{prefix}_rate_limited": usage.rate_limited,
         f"{prefix}_retries": usage.retries,
         f"{prefix}_truncated_inputs": usage.truncated_inputs,
+        f"{prefix}_input_tokens_counted_here": usage.tokens_counted_here,  # the server gave no usage for these
     }
 
 

@@ -135,14 +135,17 @@ def embedding_texts(dataset: DatasetConfig, todo: pa.Table, enrichment: pa.Table
     return out
 
 
+def stage_failures(stage: str, table: pa.Table) -> list[Failure]:
+    """The failed rows of one provider step's table."""
+    failed = table.filter(pc.is_valid(table.column("error"))).select(["id", "error_class", "error"])
+    return [Failure(r["id"], stage, r["error_class"], r["error"]) for r in failed.to_pylist()]
+
+
 def row_failures(detected: pa.Table, enrichment: pa.Table, embeddings: pa.Table) -> list[Failure]:
     """Every failed row: text that could not be read, and the failures of both provider steps."""
     unreadable = detected.filter(pc.is_valid(detected.column(TEXT_ERROR))).select(["id", TEXT_ERROR])
     out = [Failure(r["id"], "read", "undecodable_text", r[TEXT_ERROR]) for r in unreadable.to_pylist()]
-    for stage, table in (("enrichment", enrichment), ("embedding", embeddings)):
-        failed = table.filter(pc.is_valid(table.column("error"))).select(["id", "error_class", "error"])
-        out += [Failure(r["id"], stage, r["error_class"], r["error"]) for r in failed.to_pylist()]
-    return out
+    return out + stage_failures("enrichment", enrichment) + stage_failures("embedding", embeddings)
 
 
 def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.Table) -> pa.Table:

@@ -35,6 +35,7 @@ from .results import (
     hold_back_failed_enrichment,
     merge_results,
     row_failures,
+    stage_failures,
 )
 from .stores import Failure, SchemaError, Store
 
@@ -142,7 +143,9 @@ def call_provider(
 
         async def go() -> T:
             try:
-                await provider.preflight()
+                note = await provider.preflight()
+                if note:
+                    log.info(f"{stage}: {note}")
                 return await work(provider, policy)
             finally:
                 await provider.aclose()
@@ -186,7 +189,7 @@ def enrich_rows(
         return _skipped(lease, called, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
     outcome, usage = called
     table = enrichment_table(dataset, todo, outcome)
-    _log_failures(log, "enrichment", table)
+    _record_failures(lease, "enrichment", table, log)
     failed = len(outcome.failures)
     stopped = _write_if_stopped(lease, dataset, detected, table, embeddings_schema(dataset).empty_table(), log)
     return StepResult(
@@ -240,7 +243,7 @@ def embed_rows(
         return _skipped(lease, called, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
     outcome, usage = called
     table = embeddings_table(dataset, todo, outcome)
-    _log_failures(log, "embedding", table)
+    _record_failures(lease, "embedding", table, log)
     stopped = _write_if_stopped(lease, dataset, detected, enrichment, table, log)
     return StepResult(
         table,
@@ -272,10 +275,26 @@ def _write_if_stopped(
     return {"outcome": "stopped", "rows_written": rows, "stopped_by": stopping.reason()}
 
 
-def _log_failures(log: Log, stage: str, table: pa.Table) -> None:
-    failed = table.filter(pc.is_valid(table.column("error"))).select(["id", "error_class", "error"])
-    for row in failed.to_pylist():
-        log.warning(f"{stage} failed for row id {row['id']}: [{row['error_class']}] {row['error']}")
+def _not_yet_recorded(store: Store, failures: list[Failure]) -> list[Failure]:
+    """The provider steps record their failures when they end; those they could not (the database was
+    away), and unreadable texts, are recorded with the write."""
+    recent = store.ledger.failed_since(1.0) if any(f.stage != "read" for f in failures) else set()
+    return [f for f in failures if f.stage == "read" or str(f.row_id) not in recent]
+
+
+def _record_failures(lease: Lease, stage: str, table: pa.Table, log: Log) -> None:
+    """Record a stage's failed rows as soon as it ends, not at the write: an answer that failed validation
+    was paid for and is not cached, so a run killed before its write must not ask for it again."""
+    failed = stage_failures(stage, table)
+    for f in failed:
+        log.warning(f"{stage} failed for row id {f.row_id}: [{f.error_class}] {f.message}")
+    if not failed:
+        return
+    try:
+        with lease.open_store() as store:
+            store.ledger.record_failures(failed)
+    except Exception as exc:  # noqa: BLE001 - failing the step now would pay for its rows again; the write records them
+        log.warning(f"could not record {len(failed)} {stage} failures yet ({exc}); the write step will")
 
 
 def write_rows(
@@ -300,7 +319,7 @@ def write_rows(
         rejected = [Failure(row_id, "write", "rejected_by_database", message) for row_id, message in stats.rejected]
         for failure in rejected:
             log.warning(f"write failed for row id {failure.row_id}: {failure.message}")
-        store.ledger.record_failures(failures + rejected)
+        store.ledger.record_failures(_not_yet_recorded(store, failures) + rejected)
         store.ledger.clear_failures(sorted(set(succeeded) - {f.row_id for f in rejected}, key=str))
     lease.release()
     counts = reason_counts(detected)

@@ -129,3 +129,13 @@ def pg_db(pg_session_db: str):
     yield pg_session_db, schema
     with psycopg.connect(pg_session_db, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def server():
+    """The loopback provider server (OpenAI and Gemini wire formats), for one test."""
+    from .fake_providers import FakeProviderServer
+
+    srv = FakeProviderServer().start()
+    yield srv
+    srv.stop()

@@ -7,8 +7,8 @@ unparseable answers), and counts what it was asked.
 
 Answers are computed, not canned: embeddings by the offline hashing embedder (so similar texts get close
 vectors), enrichment by the offline rules. Texts containing a marker trigger per-row faults:
-``FAULT:schema`` (an answer violating the schema), ``FAULT:badjson`` (unparseable content) and
-``FAULT:400`` (the request holding it is rejected with 400).
+``FAULT:schema`` (an answer violating the schema), ``FAULT:badjson`` (unparseable content), ``FAULT:nul``
+(a summary holding a NUL character) and ``FAULT:400`` (the request holding it is rejected with 400).
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ class Stats:
     inputs_per_request: list = field(default_factory=list)  # (route, inputs, tokens)
     accepted_at: list = field(default_factory=list)  # (time, route, model, tokens)
     bodies: list = field(default_factory=list)  # request bodies, for assertions on parameters
+    texts_in_flight: Counter = field(default_factory=Counter)  # route -> texts received and not yet answered
+    samples: dict = field(default_factory=dict)  # (route, text hash) -> the text's start, to say which it was
 
 
 def _hash(text: str) -> str:
@@ -87,6 +89,13 @@ def _hash(text: str) -> str:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # the default backlog of 5 drops bursts of new connections
     daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that went away (killed, timed out) is expected here; anything else is reported."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class FakeProviderServer:
@@ -100,11 +109,14 @@ class FakeProviderServer:
             "gemini-2.0-flash",
         }
         self.stats = Stats()
+        # how an OpenAI-compatible server may differ: no GET /models/{id}, no usage in answers, a 400 for
+        # `dimensions`, embeddings in an encoding nobody can read
+        self.compat: set[str] = set()
         self.faults: dict[str, list[Fault]] = defaultdict(list)
         self.keep_bodies = False
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
-        handler = type("Handler", (_Handler,), {"server_ref": self})
+        self._handler = handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -125,6 +137,27 @@ class FakeProviderServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def refuse_connections(self, seconds: float) -> threading.Thread:
+        """Stop listening for ``seconds`` (clients are refused, as by a server being restarted), then listen
+        again on the same port. Returns the thread doing it."""
+
+        def cycle() -> None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            time.sleep(seconds)
+            self.httpd = _Server(("127.0.0.1", self.port), self._handler)
+            self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+            self._thread.start()
+
+        thread = threading.Thread(target=cycle, daemon=True)
+        thread.start()
+        return thread
+
+    def in_flight(self) -> int:
+        """Texts received and not yet answered, on every route."""
+        with self._lock:
+            return sum(self.stats.texts_in_flight.values())
 
     def inject(self, route: str, fault: Fault) -> None:
         """Queue a fault for the next requests of ``route`` ("embeddings" or "chat")."""
@@ -187,6 +220,10 @@ class FakeProviderServer:
     def repeated_texts(self, route: str) -> int:
         """How many texts were answered (and so paid for) more than once."""
         return sum(n - 1 for (r, _), n in self.stats.texts.items() if r == route and n > 1)
+
+    def repeated_samples(self) -> list[str]:
+        """The start of each text answered more than once, with its route."""
+        return [f"{r}: {self.stats.samples[(r, h)]!r}" for (r, h), n in self.stats.texts.items() if n > 1]
 
     def answered(self, route: str) -> int:
         return sum(n for (r, _), n in self.stats.texts.items() if r == route)
@@ -277,6 +314,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         gemini = self.path.startswith("/v1beta/")
         model = self.path.rsplit("/", 1)[-1]
+        if not gemini and "no_model_route" in self.server_ref.compat:
+            if self.path.rstrip("/").endswith("/models"):
+                listed = [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in sorted(self.server_ref.models)
+                ]
+                return self._send(200, {"object": "list", "data": listed})
+            return self._error("models", 404, "Not Found", False)
         if not self._authorised(gemini):
             return self._error("models", 401, self._refused(gemini), gemini)
         if model not in self.server_ref.models:
@@ -287,6 +331,16 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, {"id": model, "object": "model", "created": 0, "owned_by": "loopback"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self._in_flight: tuple[str, int] | None = None
+        try:
+            self._post()
+        finally:
+            if self._in_flight is not None:
+                route, texts = self._in_flight
+                with self.server_ref._lock:
+                    self.server_ref.stats.texts_in_flight[route] -= texts
+
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0]
         body = self._body()
         if path == "/v1/embeddings":
@@ -306,6 +360,8 @@ class _Handler(BaseHTTPRequestHandler):
         with server._lock:
             for text in texts:
                 server.stats.texts_asked[(route, _hash(text))] += 1
+            server.stats.texts_in_flight[route] += len(texts)
+        self._in_flight = (route, len(texts))
         if not self._authorised(gemini):
             self._error(route, 401, self._refused(gemini), gemini)
             return None
@@ -331,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server_ref.stats.inputs_per_request.append((route, len(texts), tokens))
             for text in texts:
                 self.server_ref.stats.texts[(route, _hash(text))] += 1
+                self.server_ref.stats.samples[(route, _hash(text))] = text[:100]
 
     # -- OpenAI ---------------------------------------------------------------------------------------
     def _openai_embeddings(self, body: dict) -> None:
@@ -345,6 +402,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error("embeddings", 400, "maximum input length is 8192 tokens", False)
         if sum(counts) > 300_000:
             return self._error("embeddings", 400, "at most 300000 tokens per request", False)
+        compat = self.server_ref.compat
+        if "reject_dimensions" in compat and body.get("dimensions"):
+            return self._error("embeddings", 400, "this server does not support the 'dimensions' parameter", False)
         headers = self._common("embeddings", model, texts, sum(counts), False)
         if headers is None:
             return
@@ -359,17 +419,13 @@ class _Handler(BaseHTTPRequestHandler):
             }
             for i, v in enumerate(vectors)
         ]
+        if "unreadable" in compat:
+            data = [{"object": "embedding", "index": d["index"], "embedding": {"values": "?"}} for d in data]
         self._answered("embeddings", texts, sum(counts))
-        self._send(
-            200,
-            {
-                "object": "list",
-                "data": data,
-                "model": model,
-                "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)},
-            },
-            headers,
-        )
+        answer: dict = {"object": "list", "data": data, "model": model}
+        if "no_usage" not in compat:
+            answer["usage"] = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
+        self._send(200, answer, headers)
 
     def _openai_chat(self, body: dict) -> None:
         self._last_body = body
@@ -461,4 +517,6 @@ def _answer_content(text: str) -> str:
     }
     if "FAULT:schema" in text:
         answer = {"skills": "Python, SQL", "seniority": "wizard", "summary": answer["summary"]}
+    if "FAULT:nul" in text:
+        answer["summary"] = "A NUL \x00 here. " + str(answer["summary"])
     return json.dumps(answer)

@@ -16,7 +16,7 @@ import dagster as dg
 from .conftest import query, subprocess_env
 from .fake_providers import OPENAI_KEY, ModelLimits
 from .graph_helpers import register
-from .test_provider_graph import provider_config, server, setup  # noqa: F401 - the server fixture
+from .test_provider_graph import provider_config, setup
 
 ENRICHED_HERE = "SELECT count(*) FROM job_postings WHERE enrichment_model = 'gpt-4o-mini'"
 PENDING = "SELECT count(*) FROM job_postings WHERE description != '' AND summary IS NULL"
@@ -26,7 +26,7 @@ def _slow_dataset(
     demo_db,
     tmp_path,
     monkeypatch,
-    server,  # noqa: F811
+    server,
     width: int,
     latency: float = 0.05,
 ) -> tuple[dict, dg.DagsterInstance, list[str]]:
@@ -53,13 +53,13 @@ def _materialize(env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_answers(server, n: int) -> None:  # noqa: F811
+def _wait_for_answers(server, n: int) -> None:
     deadline = time.time() + 120
     while server.count("chat", 200) < n and time.time() < deadline:
         time.sleep(0.01)
 
 
-def _asked(server) -> int:  # noqa: F811
+def _asked(server) -> int:
     return sum(n for (route, _), n in server.stats.texts_asked.items() if route == "chat")
 
 
@@ -72,7 +72,7 @@ def _no_retries_or_orphans(instance: dg.DagsterInstance) -> None:
         assert not retries, "an interrupt must not become a retry"
 
 
-def test_ctrl_c_writes_what_was_paid_for_and_cancels_the_run(demo_db, tmp_path, monkeypatch, server) -> None:  # noqa: F811
+def test_ctrl_c_writes_what_was_paid_for_and_cancels_the_run(demo_db, tmp_path, monkeypatch, server) -> None:
     env, instance, [key] = _slow_dataset(demo_db, tmp_path, monkeypatch, server, width=1000)
     proc = _materialize(env)
     _wait_for_answers(server, 40)
@@ -97,7 +97,7 @@ def test_ctrl_c_writes_what_was_paid_for_and_cancels_the_run(demo_db, tmp_path, 
     assert query(demo_db, PENDING)[0][0] == 0
 
 
-def test_sigterm_stops_parallel_workers_and_a_second_one_stops_at_once(demo_db, tmp_path, monkeypatch, server) -> None:  # noqa: F811
+def test_sigterm_stops_parallel_workers_and_a_second_one_stops_at_once(demo_db, tmp_path, monkeypatch, server) -> None:
     env, instance, keys = _slow_dataset(demo_db, tmp_path, monkeypatch, server, width=60, latency=0.2)
     assert len(keys) >= 4
     proc = _materialize(env, "--parallel", "2")

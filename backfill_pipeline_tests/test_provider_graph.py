@@ -28,13 +28,6 @@ from .pg import unavailable
 FAST = {"rate_limit_base_seconds": 0.05, "transient_base_seconds": 0.05, "max_attempts": 3}
 
 
-@pytest.fixture
-def server():
-    srv = FakeProviderServer().start()
-    yield srv
-    srv.stop()
-
-
 def provider_config(demo_db: Path, server: FakeProviderServer, provider: str = "openai", **dataset) -> dict:
     data = demo_config_dict(demo_db)
     jobs = data["datasets"]["jobs"]

@@ -272,6 +272,12 @@ class EmbeddingStage(Stage[np.ndarray]):
 
     def read(self, answer: object, rows: int) -> list[np.ndarray | RowError]:
         result = np.asarray(answer, dtype=np.float32)
+        if result.ndim == 2 and result.shape[0] == rows and result.shape[1] != self.dim:
+            raise FatalProviderError(
+                f"{self.provider.name} {self.provider.model} answered {result.shape[1]}-dimensional vectors, but "
+                f"embedding.dimension is {self.dim}: set embedding.dimension: {result.shape[1]} (or a model that "
+                f"gives {self.dim})"
+            )
         if result.shape != (rows, self.dim):
             raise ProviderError(
                 f"provider returned shape {result.shape}, expected {(rows, self.dim)}", "invalid_output"

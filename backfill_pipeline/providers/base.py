@@ -81,6 +81,7 @@ class Usage:
     retries: int = 0
     truncated_inputs: int = 0
     cache_hits: int = 0
+    tokens_counted_here: int = 0  # input tokens the server did not report, counted with the tokenizer
 
     def cost(self, price_in_per_million: float, price_out_per_million: float) -> float:
         return self.input_tokens / 1e6 * price_in_per_million + self.output_tokens / 1e6 * price_out_per_million
@@ -89,10 +90,12 @@ class Usage:
 class ProviderError(Exception):
     """A failure a provider reports for a batch or a row; ``kind`` says how the engine treats it:
 
-    ``rate_limit`` (429: back off, honour ``retry_after``), ``transient`` (5xx, timeouts, broken bodies:
-    back off and retry), ``permanent`` (400s: record the row, split a batch to find it), ``invalid_output``
-    (unparseable or schema-violating answer: record, retry on a later run), ``fatal`` (bad key, unknown
-    model: stop the step, retrying cannot help).
+        ``rate_limit`` (429: back off, honour ``retry_after``), ``transient`` (5xx, timeouts, broken bodies:
+        back off and retry), ``permanent`` (400s: record the row, split a batch to find it), ``invalid_output``
+        (unparseable or schema-violating answer: record, retry on a later run), ``unreadable_answer`` (a 200
+    whose body as a whole cannot be used, such as embeddings in an unknown encoding: record every row of the
+    request with the server's words, no retry, no split), ``fatal`` (bad key, unknown
+        model: stop the step, retrying cannot help).
     """
 
     kind: str = "permanent"
@@ -119,8 +122,9 @@ class _Provider:
         """Texts as they will be sent (cut to the model's limit), their token counts, how many were cut."""
         return list(texts), [max(1, len(t) // 4) for t in texts], 0
 
-    async def preflight(self) -> None:  # noqa: B027 - optional hook
-        """Check key, model and dimension with a free call, before the first paid one."""
+    async def preflight(self) -> str | None:  # noqa: B027 - optional hook
+        """Check key, model and dimension, with a free call where the server has one, before the first paid
+        one; return a note for the log when it checked less (or otherwise) than that."""
 
 
 class EmbeddingProvider(_Provider, ABC):

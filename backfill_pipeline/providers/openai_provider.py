@@ -66,12 +66,27 @@ def truncate_by_tokens(model: str, texts: list[str], limit: int, overhead: int =
     return out, counts, truncated
 
 
-async def _check_model(client: AsyncOpenAI, model: str, what: str) -> None:
-    """A free call that proves the key and the model before the first paid one."""
+async def _look_up_model(client: AsyncOpenAI, model: str, what: str) -> str | None:
+    """A free call that proves the key and the model before the first paid one: ``GET /models/{id}``.
+    Many OpenAI-compatible servers lack that route: then the model list says a little more, and the caller
+    probes (or says why not). Returns None when the model was found, else what the server showed. A refused
+    key stops here; a connection error or a 5xx is left to the step's retries."""
     try:
         await client.models.retrieve(model)
-    except Exception as exc:  # noqa: BLE001
+        return None
+    except openai.NotFoundError as exc:
+        if model in exc.message:  # the route is there and says the model is not
+            raise ConfigError(f"OpenAI {what} {model!r} is not usable: {classify(exc)}") from None
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
         raise ConfigError(f"OpenAI {what} {model!r} is not usable: {classify(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from None
+    try:
+        listed = [m.id async for m in client.models.list()]
+    except Exception:  # noqa: BLE001 - no list either
+        return f"the server has no GET /models/{model} and no model list"
+    found = "lists it" if model in listed else f"does not list it (it lists {', '.join(listed[:5]) or 'nothing'})"
+    return f"the server has no GET /models/{model} and {found}"
 
 
 def _api_key(explicit: str | None) -> str:
@@ -130,10 +145,17 @@ def classify(exc: Exception) -> ProviderError:
 
 
 def _vector(embedding: object) -> np.ndarray:
-    """An embedding as answered: base64 of little-endian float32 (as asked), or a list of floats."""
-    if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
-    return np.asarray(embedding, dtype=np.float32)
+    """An embedding as answered: base64 of little-endian float32 (as asked), or a list of floats (as many
+    compatible servers answer whatever was asked)."""
+    try:
+        if isinstance(embedding, str):
+            return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4")
+        vector = np.asarray(embedding, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise ProviderError(f"the server's embedding could not be read: {exc}", "unreadable_answer") from None
+    if vector.ndim != 1:
+        raise ProviderError(f"the server's embedding has shape {vector.shape}, not a list", "unreadable_answer")
+    return vector
 
 
 class OpenAIEmbeddingProvider(EmbeddingProvider):
@@ -149,13 +171,47 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
             allowed = f"at most {known[0]}" if known[1] else f"exactly {known[0]}"
             raise ConfigError(f"{spec.model} gives {allowed} dimensions, not {spec.dimension} (embedding.dimension)")
         self._send_dimensions = known is None or known[1]
+        self.native_dimension = known[0] if known else None
         self.client = _client(spec, api_key)
 
     def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
         return truncate_by_tokens(self.model, texts, MAX_INPUT_TOKENS)
 
-    async def preflight(self) -> None:
-        await _check_model(self.client, self.model, "embedding model")
+    async def preflight(self) -> str | None:
+        why = await _look_up_model(self.client, self.model, "embedding model")
+        if why is None:
+            return None
+        return f"{why}; checked with a one-input probe instead (1 request): {await self._probe()}"
+
+    async def _probe(self) -> str:
+        """One paid input that shows what the server answers: its dimension, and whether it takes
+        ``dimensions``. Errors here name the setting to change, before the partition is paid for."""
+        self.usage.requests += 1
+        self.usage.inputs += 1
+        try:
+            vectors = await self.embed(["probe"])
+        except ProviderError as exc:
+            if exc.kind in ("transient", "rate_limit"):
+                raise
+            if not (self._send_dimensions and "dimension" in str(exc).lower() and exc.kind == "permanent"):
+                raise ConfigError(f"the one-input probe of {self.model} failed: {exc}") from None
+            if self.native_dimension != self.dimension:
+                raise ConfigError(
+                    f"the server refuses `dimensions` for {self.model} ({exc}); set embedding.dimension to the "
+                    "model's own size"
+                ) from None
+            self._send_dimensions = False  # the model's own size: nothing to ask for
+            self.usage.requests += 1
+            self.usage.inputs += 1
+            vectors = await self.embed(["probe"])
+        got = vectors.shape[1]
+        if got != self.dimension:
+            raise ConfigError(
+                f"the server answers {got}-dimensional vectors for {self.model}, but embedding.dimension is "
+                f"{self.dimension}{' (sent as `dimensions`, which it ignores)' if self._send_dimensions else ''}: "
+                f"set embedding.dimension: {got}"
+            )
+        return f"{got}-dimensional vectors, as configured"
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         try:
@@ -169,13 +225,23 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         self.last_signals = signals(raw.headers)
-        if len(response.data) != len(texts):
-            raise ProviderError(f"asked for {len(texts)} embeddings, got {len(response.data)}", "invalid_output")
-        ordered = sorted(response.data, key=lambda d: d.index)
-        vectors = np.stack([_vector(d.embedding) for d in ordered])
-        if response.usage is not None:
-            self.usage.input_tokens += response.usage.prompt_tokens
-        return vectors
+        self._count_usage(getattr(response.usage, "prompt_tokens", None), texts)  # paid, usable or not
+        data = response.data if isinstance(response.data, list) else []
+        if len(data) != len(texts):
+            raise ProviderError(f"asked for {len(texts)} embeddings, got {len(data)}", "unreadable_answer")
+        vectors = [_vector(d.embedding) for d in sorted(data, key=lambda d: d.index or 0)]
+        if len({len(v) for v in vectors}) != 1:
+            raise ProviderError("the server's embeddings differ in length", "unreadable_answer")
+        return np.stack(vectors)
+
+    def _count_usage(self, reported: int | None, texts: list[str]) -> None:
+        """Tokens as the server reports them; without a report, counted here with the tokenizer."""
+        if isinstance(reported, int):
+            self.usage.input_tokens += reported
+            return
+        counted = sum(len(t) for t in _encoding(self.model).encode_ordinary_batch(texts))
+        self.usage.input_tokens += counted
+        self.usage.tokens_counted_here += counted
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -196,8 +262,9 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
         # 60 tokens for the system prompt and the message framing
         return truncate_by_tokens(self.model, texts, MAX_CHAT_INPUT_TOKENS, overhead=60)
 
-    async def preflight(self) -> None:
-        await _check_model(self.client, self.model, "model")
+    async def preflight(self) -> str | None:
+        why = await _look_up_model(self.client, self.model, "model")
+        return None if why is None else f"{why}; not probed (a chat probe costs tokens): the first answers will tell"
 
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:
         return [await self._one(text) for text in texts]
@@ -219,6 +286,10 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
         if response.usage is not None:
             self.usage.input_tokens += response.usage.prompt_tokens
             self.usage.output_tokens += response.usage.completion_tokens
+        else:
+            counted = len(_encoding(self.model).encode_ordinary(text)) + 60
+            self.usage.input_tokens += counted
+            self.usage.tokens_counted_here += counted
         choice = response.choices[0] if response.choices else None
         content = choice.message.content if choice else None
         if choice is not None and getattr(choice.message, "refusal", None):
