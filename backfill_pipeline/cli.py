@@ -7,23 +7,19 @@ materialize every partition of the whole graph through Dagster, and show coverag
 from __future__ import annotations
 
 import argparse
-import functools
-import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from . import stopping
-from .cli_runs import cli_instance, cli_run_tags, dagster_home, fail_dead_cli_runs
+from .cli_materialize import materialize_partitions
+from .cli_runs import cli_instance, fail_dead_cli_runs
 from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
 from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_name, register_partitions
 from .plan import plan_dataset
-from .providers import warm_up
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
 
@@ -85,7 +81,7 @@ def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"{path} exists; pass --force to recreate it")
         return 1
-    create_demo_database(path, rows=args.rows, seed=args.seed)
+    create_demo_database(path, rows=args.rows, seed=args.seed, embedding=config.datasets["jobs"].embedding)
     with open_store("jobs", config.datasets["jobs"], f"sqlite:///{path}") as store:
         store.migrate()
     print(f"created {path} with {args.rows} job postings (seed {args.seed})")
@@ -115,113 +111,6 @@ def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, l
 def cmd_register(config: BackfillConfig, args: argparse.Namespace) -> int:
     register_all(config, args.dataset)
     return 0
-
-
-def _run_config(name: str, force: bool, limit: int | None) -> dict:
-    detection: dict[str, object] = {"force": force}
-    if limit:
-        detection["limit"] = limit
-    return {
-        "ops": {f"{name}__detected_placeholders": {"config": detection}},
-        # the full event log is in the instance (and the UI); the terminal gets warnings and a line per run
-        "loggers": {"console": {"config": {"log_level": os.environ.get("BACKFILL_LOG_LEVEL", "WARNING")}}},
-    }
-
-
-def _run_partition(config_path: str | None, name: str, key: str, force: bool, limit: int | None) -> tuple:
-    """One partition's run in this process: (key, status, rows written, seconds, run id), where the status is
-    "ok", "FAILED", "SKIPPED (held by run …)" when another live run holds the partition, "STOPPED" when a
-    graceful stop ended it, or "NOT STARTED" when the stop came first."""
-    started = time.monotonic()
-    if stopping.requested():
-        return key, STATUS_NOT_STARTED, 0, 0.0, ""
-    written_before = stopping.written()
-    job = _job_cache(config_path, name)
-    result = job.execute_in_process(
-        partition_key=key,
-        instance=cli_instance(),
-        run_config=_run_config(name, force, limit),
-        tags=cli_run_tags(),
-        raise_on_error=False,
-    )
-    written, status = 0, "ok" if result.success else "FAILED"
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        if mat.asset_key.path[-1] == "written_table":
-            written = mat.metadata["rows_written"].value
-        held = mat.metadata.get("held_by_run")
-        if held is not None and result.success:
-            status = f"SKIPPED (held by run {str(held.value)[:8]}, which is still working on it)"
-    if not result.success and stopping.requested():
-        status, written = STATUS_STOPPED, stopping.written() - written_before
-    return key, status, written, time.monotonic() - started, result.run_id
-
-
-STATUS_STOPPED = "STOPPED (completed rows written, the rest left for the next run)"
-STATUS_NOT_STARTED = "NOT STARTED (stop requested)"
-
-
-def _worker_started() -> None:
-    """A forked worker of ``--parallel``: a signal asks for a graceful stop, a second ends it at once."""
-    stopping.install_for_process()
-
-
-def _kill_workers() -> None:
-    for child in multiprocessing.active_children():
-        child.kill()
-
-
-@functools.cache
-def _job_cache(config_path: str | None, name: str):  # noqa: ANN202 - a JobDefinition
-    from .lib import backfill_definitions, job_name
-
-    return backfill_definitions(load_config(config_path)).resolve_job_def(job_name(name))
-
-
-def materialize_partitions(
-    config_path: str | None,
-    name: str,
-    keys: list[str],
-    *,
-    force: bool = False,
-    limit: int | None = None,
-    parallel: int = 1,
-) -> bool:
-    """Run the dataset's job for each partition key; True when every run succeeded.
-
-    With ``parallel`` > 1, that many worker processes take partitions from a shared queue, as a
-    partition backfill's runs would; the rate budget and partition leases hold across them.
-    """
-    ok = True
-    results: Iterable[tuple]
-    if parallel <= 1:
-        results = (_run_partition(config_path, name, k, force, limit) for k in keys)
-    else:
-        dagster_home()  # for the workers; each opens its own instance after the fork
-        # built once here, inherited by the forked workers instead of being built again by each of them
-        _job_cache(config_path, name)
-        dataset = load_config(config_path).datasets[name]
-        warm_up(dataset.embedding)
-        warm_up(dataset.enrichment)
-        # fork where available: the workers start with Dagster already imported (seconds saved per worker)
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(
-            max_workers=parallel, mp_context=multiprocessing.get_context(method), initializer=_worker_started
-        )
-        futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
-        results = (f.result() for f in as_completed(futures))
-    try:
-        with stopping.graceful_signals(at_once=_kill_workers if parallel > 1 else None):
-            for n, (key, status, written, seconds, run_id) in enumerate(results, 1):
-                line = f"  [{n}/{len(keys)}] {name} {key}: {status}"
-                if status != STATUS_NOT_STARTED:
-                    line += f", {written} rows written in {seconds:.1f}s (run {run_id[:8]})"
-                print(line, flush=True)
-                ok &= status == "ok"
-    finally:
-        if parallel > 1:
-            pool.shutdown()
-    return ok
 
 
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -270,6 +159,24 @@ def _confirmed(config: BackfillConfig, args: argparse.Namespace, keys: dict[str,
     for name, dataset in _datasets(config, args.dataset).items():
         print("\n".join(plan_dataset(name, dataset, force=args.force, keys=keys[name]).lines()))
     return input("Continue? (yes/no): ").strip().lower() in ("y", "yes")
+
+
+def cmd_search(config: BackfillConfig, args: argparse.Namespace) -> int:
+    """The rows nearest a query, by the dataset's own embedding model: do the vectors find what you mean?"""
+    from .search import embed_query, nearest
+
+    name, dataset = next(iter(_datasets(config, args.dataset).items()))
+    env = dataset.embedding.resolved_api_key_env
+    vector = embed_query(dataset, args.query, os.environ.get(env) if env else None)
+    with open_store(name, dataset) as store:
+        store.check_schema()
+        hits = nearest(store, dataset, vector, args.k)
+    rows: list[list[object]] = [[n, h.row_id, f"{h.similarity:.3f}", h.text] for n, h in enumerate(hits, 1)]
+    print(
+        f"{name}: the {len(hits)} rows nearest {args.query!r} ({dataset.embedding.provider} {dataset.embedding.model})"
+    )
+    _print_table(["#", "id", "similarity", "text"], rows)
+    return 0
 
 
 def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -331,7 +238,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
         raise ConfigError("`demo` runs on the built-in demo config (or one like it, with a SQLite `jobs` dataset)")
     path = sqlite_path(dataset.database_url_value())
     if args.fresh or not path.exists():
-        create_demo_database(path, rows=args.rows, seed=args.seed)
+        create_demo_database(path, rows=args.rows, seed=args.seed, embedding=dataset.embedding)
         print(f"created demo database {path}: {args.rows} job postings (seed {args.seed})")
     with open_store(name, dataset) as store:
         added = store.migrate()
@@ -396,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pools", cmd_pools, "set the concurrency limits of the provider-calling pools", False)
     p.add_argument("--embedding", type=int, default=4, help="embedding steps running at once (all runs)")
     p.add_argument("--llm", type=int, default=4, help="enrichment steps running at once (all runs)")
+    p = add("search", cmd_search, "the rows nearest a query, embedded by the dataset's own model")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10, help="how many rows (default 10)")
     p = add("failures", cmd_failures, "list recorded failures with their error")
     p.add_argument("--limit", type=int, default=50)
     p = add("requeue", cmd_requeue, "make failed rows eligible for the next run at once")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .providers.offline_embedding import hashed_ngram_vectors
+from .config import EmbeddingSpec
+from .providers import build_embedding_provider
 from .providers.offline_enrichment import OfflineEnrichmentProvider
 from .text import content_hash
 
@@ -121,8 +122,15 @@ def render(posting: dict[str, str]) -> str:
     return f"{posting['title']} at {posting['company']}\n\n{posting['description']}"
 
 
-def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dimension: int = 768) -> Path:
-    """(Re)create the demo table with ``rows`` postings; the same seed gives the same file contents."""
+def create_demo_database(
+    path: Path | str, rows: int = 3000, seed: int = 7, embedding: EmbeddingSpec | None = None
+) -> Path:
+    """(Re)create the demo table with ``rows`` postings; the same seed gives the same file contents.
+
+    Valid rows hold vectors of ``embedding`` (by default the hashing embedder at 768 dimensions, which the
+    tests use), so they are found up to date; placeholders are half the configured dimension."""
+    embedding = embedding or EmbeddingSpec(provider="offline", dimension=768)
+    dimension = embedding.dimension
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -139,7 +147,8 @@ def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dime
             postings[i]["description"] = ""
 
     embedded = [i for i, s in enumerate(states) if s in ("valid", "valid_unenriched", "stale")]
-    vectors = hashed_ngram_vectors([old_texts.get(i, render(postings[i])) for i in embedded], dimension)
+    embedder = build_embedding_provider(embedding)
+    vectors = asyncio.run(embedder.embed([old_texts.get(i, render(postings[i])) for i in embedded]))
     vector_of = dict(zip(embedded, vectors, strict=True))
     enriched = [i for i, s in enumerate(states) if s in ("valid", "stale", "old_model")]
     answers = asyncio.run(OfflineEnrichmentProvider().enrich([render(postings[i]) for i in enriched]))
@@ -148,19 +157,19 @@ def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dime
 
     records = []
     for i, (state, posting) in enumerate(zip(states, postings, strict=True)):
-        embedding = hash_ = model = embedded_at = None
+        vector = hash_ = model = embedded_at = None
         if state == "placeholder":
             start = round(0.001 * rng.randint(0, 600), 3)
-            embedding = json.dumps([round(start + 0.001 * k, 3) for k in range(384)])
+            vector = json.dumps([round(start + 0.001 * k, 3) for k in range(dimension // 2)])
         elif state == "zero":
-            embedding = json.dumps([0.0] * dimension)
+            vector = json.dumps([0.0] * dimension)
         elif state in ("valid", "valid_unenriched", "stale"):
-            embedding = json.dumps(np.round(vector_of[i].astype(np.float64), 7).tolist())
+            vector = json.dumps(np.round(vector_of[i].astype(np.float64), 7).tolist())
             hash_ = content_hash(old_texts.get(i, render(posting)))
-            model, embedded_at = "offline-hash-v1", "2025-01-01T00:00:00+00:00"
+            model, embedded_at = embedding.model, "2025-01-01T00:00:00+00:00"
         elif state == "old_model":
             legacy = noise.normal(size=dimension)
-            embedding = json.dumps(np.round(legacy / np.linalg.norm(legacy), 7).tolist())
+            vector = json.dumps(np.round(legacy / np.linalg.norm(legacy), 7).tolist())
             hash_, model, embedded_at = content_hash(render(posting)), LEGACY_MODEL, "2024-06-01T00:00:00+00:00"
         skills = seniority = summary = enriched_at = None
         if i in enrichment_of:
@@ -177,7 +186,7 @@ def create_demo_database(path: Path | str, rows: int = 3000, seed: int = 7, dime
                 posting["location"],
                 posting["description"],
                 posted,
-                embedding,
+                vector,
                 hash_,
                 model,
                 embedded_at,

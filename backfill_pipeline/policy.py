@@ -43,7 +43,7 @@ def build_policy(
         cache = StoreCache(ledger, dataset.cache.ttl_days)
     else:
         cache = NullCache()
-    if spec.provider == "offline":
+    if spec.provider in ("offline", "local"):
         cache = NullCache()  # free and deterministic: nothing to save
     return CallPolicy(
         limiter=RateLimiter(backend, budget_key(spec), spec.rate_limit, limiter_spec.burst_seconds),

@@ -24,6 +24,8 @@ def demo_config_dict(db_path: Path, width: int = 100) -> dict:
     jobs = base["datasets"]["jobs"]
     jobs["database_url"] = f"sqlite:///{db_path}"
     jobs["partitioning"]["width"] = width
+    # the hashing embedder, fastest, as the demo databases the tests make hold (the shipped demo is semantic)
+    jobs["embedding"].update(provider="offline", model="offline-hash-v1", dimension=768)
     return base
 
 

@@ -154,6 +154,11 @@ class FakeProviderServer:
         thread.start()
         return thread
 
+    def answered_texts(self) -> int:
+        """Texts answered so far, on every route (each one paid for)."""
+        with self._lock:
+            return sum(self.stats.texts.values())
+
     def in_flight(self) -> int:
         """Texts received and not yet answered, on every route."""
         with self._lock:

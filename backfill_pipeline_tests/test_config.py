@@ -106,7 +106,8 @@ def test_yaml_errors_and_missing_file(tmp_path) -> None:
 
 def test_builtin_demo_config_loads_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(demo_config_path())
-    assert config.datasets["jobs"].embedding.dimension == 768
+    embedding = config.datasets["jobs"].embedding
+    assert (embedding.provider, embedding.model, embedding.dimension) == ("local", "wordllama-l2-supercat", 256)
     assert config.datasets["jobs"].enrichment.enabled
     assert config.datasets["jobs"].store_kind == "sqlite"
     monkeypatch.delenv("BACKFILL_CONFIG", raising=False)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from backfill_pipeline.config import ConfigError
 from backfill_pipeline.engine import embed_texts
 from backfill_pipeline.providers.base import Enrichment
 from backfill_pipeline.providers.offline_embedding import OfflineEmbeddingProvider, hashed_ngram_vectors
@@ -85,3 +86,33 @@ def test_enrichment_against_skillspan_labels() -> None:
     assert labelled >= 50
     assert correct / labelled > 0.8
     assert all(Enrichment.model_validate(a) for a in answers)
+
+
+def test_the_local_embedder_finds_meaning_offline(monkeypatch) -> None:
+    """WordLlama from the wheel: semantic (a query is nearer a related posting than an unrelated one,
+    with no words in common to help), any Matryoshka size up to 256, and never a network call."""
+    import socket
+
+    from backfill_pipeline.config import EmbeddingSpec
+    from backfill_pipeline.providers import build_embedding_provider
+    from backfill_pipeline.providers.local_embedding import _model
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the local embedder tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    _model.cache_clear()
+    provider = build_embedding_provider(EmbeddingSpec(provider="local", dimension=256))
+    assert provider.model == "wordllama-l2-supercat"
+    query, related, unrelated = (
+        "software engineer job",
+        "Senior Python developer building backends",
+        "Nurse for night shifts",
+    )
+    vectors = asyncio.run(provider.embed([query, related, unrelated]))
+    assert vectors.shape == (3, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.05
+    small = asyncio.run(build_embedding_provider(EmbeddingSpec(provider="local", dimension=64)).embed([query]))
+    assert small.shape == (1, 64)
+    with pytest.raises(ConfigError, match="at most 256 dimensions"):
+        build_embedding_provider(EmbeddingSpec(provider="local", dimension=768))

@@ -123,7 +123,7 @@ class ProviderRetrySpec(_Model):
 
 
 class ProviderSpec(_Model):
-    provider: Literal["offline", "openai", "gemini"] = "offline"
+    provider: Literal["offline", "local", "openai", "gemini"] = "offline"
     model: str = Field(min_length=1)
     api_key_env: str | None = Field(
         default=None,
@@ -162,6 +162,14 @@ class EmbeddingSpec(ProviderSpec):
     )
     task_type: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _local_model(cls, data: object) -> object:
+        """``provider: local`` names its model unless told: WordLlama's, shipped in the wheel."""
+        if isinstance(data, dict) and data.get("provider") == "local" and "model" not in data:
+            return {**data, "model": "wordllama-l2-supercat"}
+        return data
+
 
 class EnrichmentSpec(ProviderSpec):
     enabled: bool = False
@@ -173,6 +181,8 @@ class EnrichmentSpec(ProviderSpec):
 
     @model_validator(mode="after")
     def _columns_for_fields(self) -> EnrichmentSpec:
+        if self.provider == "local":
+            raise ValueError("provider 'local' is an embedder; enrichment takes offline, openai or gemini")
         unknown = set(self.columns) - set(self.fields)
         if unknown:
             raise ValueError(f"columns given for fields that are not enabled: {sorted(unknown)}")

@@ -70,7 +70,7 @@ def database_resource(name: str, dataset: DatasetConfig) -> DatabaseResource:
 
 
 def provider_key_resource(spec: ProviderSpec, stage: str) -> ProviderKeyResource:
-    env = None if spec.provider == "offline" else spec.resolved_api_key_env
+    env = None if spec.provider in ("offline", "local") else spec.resolved_api_key_env
     return ProviderKeyResource(api_key_env=env, base_url=spec.base_url, setting=f"{stage}.api_key_env")
 
 

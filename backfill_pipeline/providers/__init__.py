@@ -11,6 +11,10 @@ from .offline_enrichment import OfflineEnrichmentProvider
 def build_embedding_provider(spec: EmbeddingSpec, api_key: str | None = None) -> EmbeddingProvider:
     if spec.provider == "offline":
         return OfflineEmbeddingProvider(model=spec.model, dimension=spec.dimension)
+    if spec.provider == "local":
+        from .local_embedding import LocalEmbeddingProvider
+
+        return LocalEmbeddingProvider(spec.model, spec.dimension)
     if spec.provider == "openai":
         from .openai_provider import OpenAIEmbeddingProvider
 
@@ -42,6 +46,8 @@ def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
         from .openai_provider import _encoding
 
         _encoding(spec.model)
+    if spec.provider == "local" and isinstance(spec, EmbeddingSpec):
+        build_embedding_provider(spec).warm_up()  # type: ignore[attr-defined]
 
 
 __all__ = ["build_embedding_provider", "build_enrichment_provider", "warm_up"]

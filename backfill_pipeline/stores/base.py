@@ -156,6 +156,15 @@ class RowStore(ABC):
     def raw_schema(self) -> pa.Schema:
         return raw_schema(self.layout.text_fields, self.layout.enrichment_fields)
 
+    def nearest(self, query: np.ndarray, k: int) -> list[tuple[object, float]] | None:
+        """(id, cosine similarity) of the ``k`` stored vectors nearest ``query``, ranked by the database;
+        None where it cannot rank (the caller ranks with numpy)."""
+        return None
+
+    def texts(self, row_ids: Sequence[object]) -> dict[object, tuple[str, ...]]:
+        """The text fields of these rows, for showing them."""
+        return {}
+
     @staticmethod
     def vector_columns(
         values: Sequence[object], decode: Callable[[Any], np.ndarray | None]

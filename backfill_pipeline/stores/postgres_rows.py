@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import psycopg
@@ -184,6 +184,30 @@ class PostgresRows(RowStore):
             # Trusted SQL from the config file: the one place raw SQL enters a statement.
             where = sql.SQL(" WHERE ({})").format(sql.SQL(self.layout.row_filter))
         return sql.SQL("(SELECT * FROM {}{}) AS s").format(self.src, where)
+
+    def nearest(self, query: np.ndarray, k: int) -> list[tuple[object, float]] | None:
+        emb = self.embedding_type()
+        if emb.vector_kind not in ("vector", "halfvec"):
+            return None
+        from pgvector import HalfVector, Vector
+
+        value = Vector(query) if emb.vector_kind == "vector" else HalfVector(query)
+        column = sql.Identifier(self.layout.embedding_column)
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT {id}, 1 - ({e} <=> %(q)s) FROM {t} WHERE {e} IS NOT NULL ORDER BY {e} <=> %(q)s LIMIT %(k)s"
+            ).format(id=self.dst_id, e=column, t=self.dst),
+            {"q": value, "k": k},
+        ).fetchall()
+        return [(row_id, float(sim)) for row_id, sim in rows]
+
+    def texts(self, row_ids: Sequence[object]) -> dict[object, tuple[str, ...]]:
+        fields = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(f)) for f in self.layout.text_fields)
+        rows = self.conn.execute(
+            sql.SQL("SELECT {}, {} FROM {} WHERE {} = ANY(%s)").format(self.id, fields, self.src, self.id),
+            [list(row_ids)],
+        ).fetchall()
+        return {row[0]: tuple(row[1:]) for row in rows}
 
     def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
         self.check_integer_ids()
