@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 DEMO_CONFIG := $(CURDIR)/backfill_pipeline/config/demo_config.yaml
+PORT ?= 3000
 
 .PHONY: demo test install install-test dev lint clean
 
@@ -36,7 +37,7 @@ test: install-test
 
 # The UI on the demo (created by `make demo`); set BACKFILL_CONFIG to browse your own config instead.
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	BACKFILL_CONFIG=$${BACKFILL_CONFIG:-$(DEMO_CONFIG)} DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
+	BACKFILL_CONFIG=$${BACKFILL_CONFIG:-$(DEMO_CONFIG)} DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -p $(PORT)
 
 lint: install-test
 	$(BIN)/ruff check backfill_pipeline backfill_pipeline_tests bench

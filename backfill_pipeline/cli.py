@@ -7,6 +7,7 @@ materialize every partition of the whole graph through Dagster, and show coverag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_name, register_partitions
 from .plan import plan_dataset
+from .redact import mask_secrets
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
 
@@ -69,9 +71,21 @@ def _coverage_row(name: str, key: str, cov: Coverage) -> list[object]:
 def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
     rows: list[list[object]] = []
     for name, dataset in _datasets(config, args.dataset).items():
-        rows += _coverage_rows(name, dataset, args.by_partition)
+        rows += _coverage_rows(name, dataset, args.by_partition or args.json)
+    if args.json:
+        keys = ["dataset", "partition", "rows", "with_text", "covered", "coverage_percent", "needing_work"]
+        out = [dict(zip(keys, [*r[:5], float(str(r[5]).rstrip("%")), _reasons(str(r[6]))], strict=True)) for r in rows]
+        print(json.dumps(out, indent=2))
+        return 0
     _print_table(COVERAGE_HEADERS, rows)
     return 0
+
+
+def _reasons(detail: str) -> dict[str, int]:
+    """``"null_embedding=3, stale_text=1"`` as a mapping (``-``: none)."""
+    if detail == "-":
+        return {}
+    return {k: int(v) for k, v in (part.split("=") for part in detail.split(", "))}
 
 
 def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -180,27 +194,31 @@ def cmd_search(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
-    rows = []
+    """Recorded failures, newest first, a page at a time (``--limit``, ``--offset``), with the total."""
+    pages: dict[str, dict] = {}
     for name, dataset in _datasets(config, args.dataset).items():
         with open_store(name, dataset) as store:
             store.check_schema()
-            for f in store.ledger.failures(args.limit):
-                rows.append(
-                    [
-                        name,
-                        f["row_id"],
-                        f["stage"],
-                        f["error_class"],
-                        f["attempts"],
-                        f["last_failed_at"],
-                        "yes" if f["requeued"] else "no",
-                        f["message"][:80],
-                    ]
-                )
-    if not rows:
-        print("no failures recorded")
+            found = store.ledger.failures(args.limit, args.offset)
+            pages[name] = {"total": store.ledger.failure_count(), "offset": args.offset, "failures": found}
+    if args.json:
+        print(json.dumps(pages, default=str, indent=2))
         return 0
-    _print_table(["dataset", "row id", "stage", "class", "attempts", "last failed", "requeued", "message"], rows)
+    rows = [
+        [name, f["row_id"], f["stage"], f["error_class"], f["attempts"], f["last_failed_at"],
+         "yes" if f["requeued"] else "no", f["message"][:80]]
+        for name, page in pages.items() for f in page["failures"]
+    ]  # fmt: skip
+    if rows:
+        _print_table(["dataset", "row id", "stage", "class", "attempts", "last failed", "requeued", "message"], rows)
+    for name, page in pages.items():
+        if not page["total"]:
+            print(f"{name}: no failures recorded")
+            continue
+        shown = len(page["failures"])
+        more = page["total"] - args.offset - shown
+        print(f"{name}: {page['total']} failures recorded; showing {shown} from {args.offset}"
+              + (f" ({more} more: --offset {args.offset + shown})" if more > 0 else ""))  # fmt: skip
     return 0
 
 
@@ -219,13 +237,16 @@ def set_pool_limits(instance, limits: dict[str, int]) -> None:
 
 
 def cmd_pools(config: BackfillConfig, args: argparse.Namespace) -> int:
+    """Show the pools' limits; with ``--embedding``/``--llm``, set them first."""
     from .lib.assets import EMBEDDING_POOL, ENRICHMENT_POOL
 
     instance = cli_instance()
-    set_pool_limits(instance, {EMBEDDING_POOL: args.embedding, ENRICHMENT_POOL: args.llm})
+    wanted = {EMBEDDING_POOL: args.embedding, ENRICHMENT_POOL: args.llm}
+    set_pool_limits(instance, {pool: limit for pool, limit in wanted.items() if limit is not None})
     for pool in (EMBEDDING_POOL, ENRICHMENT_POOL):
         info = instance.event_log_storage.get_concurrency_info(pool)
-        print(f"pool {pool}: limit {info.slot_count}")
+        limit = info.slot_count if info.slot_count else "not set (steps of this pool run without a limit)"
+        print(f"pool {pool}: limit {limit}")
     return 0
 
 
@@ -270,6 +291,7 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backfill-pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default: $BACKFILL_CONFIG; `demo` uses the built-in demo)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help: str, dataset: bool = True) -> argparse.ArgumentParser:
@@ -291,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("register", cmd_register, "register the partitions that hold rows in the Dagster instance")
     p = add("coverage", cmd_coverage, "show coverage per dataset (and partition)")
     p.add_argument("--by-partition", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON, every partition and the totals")
     add("migrate", cmd_migrate, "add missing result columns, results table and failures table")
     p = add("plan", cmd_plan, "dry run: rows needing work by reason, tokens, requests, cost, minutes")
     p.add_argument("--force", action="store_true", help="plan a full re-embed")
@@ -300,31 +323,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many rows per partition")
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation at a terminal")
-    p = add("pools", cmd_pools, "set the concurrency limits of the provider-calling pools", False)
-    p.add_argument("--embedding", type=int, default=4, help="embedding steps running at once (all runs)")
-    p.add_argument("--llm", type=int, default=4, help="enrichment steps running at once (all runs)")
+    p = add("pools", cmd_pools, "show (or set) the concurrency limits of the provider-calling pools", False)
+    p.add_argument("--embedding", type=int, help="set: embedding steps running at once, over all runs")
+    p.add_argument("--llm", type=int, help="set: enrichment steps running at once, over all runs")
     p = add("search", cmd_search, "the rows nearest a query, embedded by the dataset's own model")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10, help="how many rows (default 10)")
-    p = add("failures", cmd_failures, "list recorded failures with their error")
-    p.add_argument("--limit", type=int, default=50)
+    p = add("failures", cmd_failures, "list recorded failures with their error, newest first")
+    p.add_argument("--limit", type=int, default=50, help="rows per page (default 50)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many (the next page)")
+    p.add_argument("--json", action="store_true", help="one JSON document, with the total per dataset")
     p = add("requeue", cmd_requeue, "make failed rows eligible for the next run at once")
     p.add_argument("--ids", nargs="*", help="only these row ids")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors end in one line that says what is wrong (and exit 2); ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
     try:
         demo = args.fn in (cmd_demo, cmd_create_demo_db)
         config = load_config(args.config or (demo_config_path() if demo else None))
         return args.fn(config, args)
-    except (ConfigError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # `plan | head`: the reader has what it wanted
+        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return stopping.EXIT_AT_ONCE
+    except Exception as exc:
+        if args.debug:
+            raise
+        known = isinstance(exc, ConfigError | StoreError)
+        print(f"error: {mask_secrets(str(exc) if known else f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        if not known:
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -143,13 +144,19 @@ def _at_terminal(args: list[str], answer: str, env: dict, cwd: Path) -> str:
     return out
 
 
-def test_interactive_materialize_shows_the_plan_and_asks(tmp_path: Path) -> None:
+def _demo_project(tmp_path: Path, rows: int) -> tuple[Path, dict[str, str], str]:
+    """A demo database of ``rows`` postings made by the CLI, its config and a Dagster home: (db, env, cli)."""
     db = tmp_path / "demo.sqlite"
     config = write_config(tmp_path, demo_config_dict(db))
     env = {"BACKFILL_CONFIG": str(config), "DAGSTER_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
     cli = str(BIN / "backfill-pipeline")
-    assert run([cli, "create-demo-db", "--rows", "120", "--path", str(db)], tmp_path, **env).returncode == 0
+    assert run([cli, "create-demo-db", "--rows", str(rows), "--path", str(db)], tmp_path, **env).returncode == 0
+    return db, env, cli
+
+
+def test_interactive_materialize_shows_the_plan_and_asks(tmp_path: Path) -> None:
+    db, env, cli = _demo_project(tmp_path, 120)
     assert run([cli, "register"], tmp_path, **env).returncode == 0
     nulls = "SELECT count(*) FROM job_postings WHERE embedding IS NULL AND description != ''"
     before = query(db, nulls)[0][0]
@@ -179,3 +186,46 @@ def test_materialize_in_parallel_worker_processes(tmp_path: Path) -> None:
         db, "SELECT count(*) FROM job_postings WHERE description != '' AND (embedding IS NULL OR summary IS NULL)"
     )
     assert left[0][0] == 0
+
+
+def test_operator_commands_for_scripts_and_pipes(tmp_path: Path) -> None:
+    """JSON for scripts, pages that say what is left, `pools` that only shows, a closed pipe that is not an
+    error, and one line (no traceback) for a mistake, with the traceback under --debug."""
+    db, env, cli = _demo_project(tmp_path, 250)
+    coverage = json.loads(run([cli, "coverage", "--json"], tmp_path, **env).stdout)
+    total = next(c for c in coverage if c["partition"] == "(all)")
+    assert (
+        total["rows"] == 250 and total["covered"] < total["with_text"] and total["needing_work"]["null_embedding"] > 0
+    )
+    assert sum(c["rows"] for c in coverage if c["partition"] != "(all)") == 250
+
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO backfill_failures VALUES ('jobs', ?, 'embedding', 'permanent', 'bad row', 1, ?, ?, 0)",
+            [(str(i), f"2026-01-01T00:00:{i:02d}", f"2026-01-01T00:00:{i:02d}") for i in range(7)],
+        )
+    page = run([cli, "failures", "--limit", "3"], tmp_path, **env).stdout
+    assert "7 failures recorded; showing 3 from 0 (4 more: --offset 3)" in page
+    second = json.loads(run([cli, "failures", "--json", "--limit", "3", "--offset", "3"], tmp_path, **env).stdout)
+    assert second["jobs"]["total"] == 7 and [f["row_id"] for f in second["jobs"]["failures"]] == ["3", "2", "1"]
+
+    shown = run([cli, "pools"], tmp_path, **env)
+    assert "limit not set" in shown.stdout
+    run([cli, "pools", "--llm", "3"], tmp_path, **env)
+    again = run([cli, "pools"], tmp_path, **env).stdout
+    assert "pool llm_api: limit 3" in again and "pool embedding_api: limit not set" in again
+
+    piped = subprocess.run(f"{cli} failures | head -1", shell=True, cwd=tmp_path, env=subprocess_env(**env),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert piped.returncode == 0 and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+    wrong = run([cli, "coverage", "--dataset", "nope"], tmp_path, **env)
+    assert wrong.returncode == 2 and wrong.stderr.strip().count("\n") == 0 and "no dataset named 'nope'" in wrong.stderr
+    (tmp_path / "broken.yaml").write_text("datasets: {jobs: {table: t}}")
+    bad = run([cli, "--config", str(tmp_path / "broken.yaml"), "plan"], tmp_path, **env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    db.unlink()
+    missing = run([cli, "coverage"], tmp_path, **env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and str(db.name) in missing.stderr
+    debug = run([cli, "--debug", "coverage"], tmp_path, **env)
+    assert "Traceback" in debug.stderr

@@ -226,7 +226,10 @@ class Ledger(ABC):
         return {i for i in row_ids if str(i) in failed}
 
     @abstractmethod
-    def failures(self, limit: int = 100) -> list[dict]: ...
+    def failures(self, limit: int = 100, offset: int = 0) -> list[dict]: ...
+
+    @abstractmethod
+    def failure_count(self) -> int: ...
 
     @abstractmethod
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:

@@ -104,16 +104,21 @@ class PostgresLedger(Ledger):
         )
         return {r[0] for r in rows}
 
-    def failures(self, limit: int = 100) -> list[dict]:
+    def failures(self, limit: int = 100, offset: int = 0) -> list[dict]:
         cursor = self.conn.execute(
             sql.SQL(
                 "SELECT row_id, stage, error_class, message, attempts, first_failed_at, last_failed_at, requeued "
-                "FROM {} WHERE dataset = %s ORDER BY last_failed_at DESC LIMIT %s"
+                "FROM {} WHERE dataset = %s ORDER BY last_failed_at DESC, row_id, stage LIMIT %s OFFSET %s"
             ).format(self.failures_table),
-            [self.dataset, limit],
+            [self.dataset, limit, offset],
         )
         names = [c.name for c in cursor.description or []]
         return [dict(zip(names, r, strict=True)) for r in cursor]
+
+    def failure_count(self) -> int:
+        query = sql.SQL("SELECT count(*) FROM {} WHERE dataset = %s").format(self.failures_table)
+        row = self.conn.execute(query, [self.dataset]).fetchone()
+        return int(row[0]) if row else 0
 
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         query = sql.SQL("UPDATE {} SET requeued = true WHERE dataset = %s AND NOT requeued").format(self.failures_table)

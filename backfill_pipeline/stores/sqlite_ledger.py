@@ -74,14 +74,18 @@ class SQLiteLedger(Ledger):
         )
         return {r[0] for r in rows}
 
-    def failures(self, limit: int = 100) -> list[dict]:
+    def failures(self, limit: int = 100, offset: int = 0) -> list[dict]:
         cur = self.conn.execute(
             f"SELECT row_id, stage, error_class, message, attempts, first_failed_at, last_failed_at, requeued "
-            f"FROM {FAILURES_TABLE} WHERE dataset = ? ORDER BY last_failed_at DESC LIMIT ?",
-            [self.dataset, limit],
+            f"FROM {FAILURES_TABLE} WHERE dataset = ? ORDER BY last_failed_at DESC, row_id, stage LIMIT ? OFFSET ?",
+            [self.dataset, limit, offset],
         )
         names = [c[0] for c in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur]
+
+    def failure_count(self) -> int:
+        query = f"SELECT count(*) FROM {FAILURES_TABLE} WHERE dataset = ?"
+        return int(self.conn.execute(query, [self.dataset]).fetchone()[0])
 
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         sql = f"UPDATE {FAILURES_TABLE} SET requeued = 1 WHERE dataset = ? AND requeued = 0"
