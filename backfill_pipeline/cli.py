@@ -22,6 +22,7 @@ from .detection import Reason
 from .partitions import partition_activity, partition_spec, partitions_name, register_partitions
 from .plan import plan_dataset
 from .redact import mask_secrets
+from .run_summary import RunSummary
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
 
@@ -141,21 +142,29 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     if not _confirmed(config, args, keys_of):
         print("nothing done")
         return 1
+    summary, started = RunSummary(), time.monotonic()
+    lines = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON document alone
     for name, keys in keys_of.items():
         if not keys:
-            print(f"{name}: no partitions registered; run `backfill-pipeline register` first")
+            print(f"{name}: no partitions registered; run `backfill-pipeline register` first", file=lines)
             ok = False
             continue
         ok &= materialize_partitions(
-            args.config, name, keys, force=args.force, limit=args.limit, parallel=args.parallel
-        )
+            args.config, name, keys, force=args.force, limit=args.limit, parallel=args.parallel,
+            summary=summary, out=lines,
+        )  # fmt: skip
+    summary.seconds = time.monotonic() - started
+    status = stopping.EXIT_AT_ONCE if stopping.requested() else 0 if ok else 1
+    if args.json:
+        print(json.dumps({**summary.as_dict(), "stopped": stopping.requested(), "exit_status": status}, indent=2))
+        return status
+    print("\n".join(summary.lines()))
     if stopping.requested():
         print(
             f"stopped by {stopping.reason()}: what was completed is written; run the same command again to "
             "continue (rows already done are not paid for again)"
         )
-        return stopping.EXIT_AT_ONCE
-    return 0 if ok else 1
+    return status
 
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -323,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many rows per partition")
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation at a terminal")
+    p.add_argument("--json", action="store_true", help="the summary as one JSON document on stdout")
     p = add("pools", cmd_pools, "show (or set) the concurrency limits of the provider-calling pools", False)
     p.add_argument("--embedding", type=int, help="set: embedding steps running at once, over all runs")
     p.add_argument("--llm", type=int, help="set: enrichment steps running at once, over all runs")

@@ -6,14 +6,17 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import TextIO
 
 from . import stopping
 from .cli_runs import cli_instance, cli_run_tags, dagster_home
 from .config import load_config
 from .providers import warm_up
+from .run_summary import RunSummary, failed_rows, partition_figures
 
 
 def _run_config(name: str, force: bool, limit: int | None) -> dict:
@@ -28,12 +31,12 @@ def _run_config(name: str, force: bool, limit: int | None) -> dict:
 
 
 def _run_partition(config_path: str | None, name: str, key: str, force: bool, limit: int | None) -> tuple:
-    """One partition's run in this process: (key, status, rows written, seconds, run id), where the status is
-    "ok", "FAILED", "SKIPPED (held by run …)" when another live run holds the partition, "STOPPED" when a
-    graceful stop ended it, or "NOT STARTED" when the stop came first."""
+    """One partition's run in this process: (key, status, rows written, seconds, run id, figures), where the
+    status is "ok", "FAILED", "SKIPPED (held by run …)" when another live run holds the partition, "STOPPED"
+    when a graceful stop ended it, or "NOT STARTED" when the stop came first; figures for the summary."""
     started = time.monotonic()
     if stopping.requested():
-        return key, STATUS_NOT_STARTED, 0, 0.0, ""
+        return key, STATUS_NOT_STARTED, 0, 0.0, "", {}
     written_before = stopping.written()
     job = _job_cache(config_path, name)
     result = job.execute_in_process(
@@ -44,8 +47,10 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
         raise_on_error=False,
     )
     written, status = 0, "ok" if result.success else "FAILED"
+    metadata: dict[str, dict[str, object]] = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
+        metadata[mat.asset_key.path[-1]] = {k: v.value for k, v in mat.metadata.items()}
         if mat.asset_key.path[-1] == "written_table":
             written = mat.metadata["rows_written"].value
         held = mat.metadata.get("held_by_run")
@@ -53,7 +58,7 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
             status = f"SKIPPED (held by run {str(held.value)[:8]}, which is still working on it)"
     if not result.success and stopping.requested():
         status, written = STATUS_STOPPED, stopping.written() - written_before
-    return key, status, written, time.monotonic() - started, result.run_id
+    return key, status, written, time.monotonic() - started, result.run_id, partition_figures(metadata)
 
 
 STATUS_STOPPED = "STOPPED (completed rows written, the rest left for the next run)"
@@ -85,8 +90,11 @@ def materialize_partitions(
     force: bool = False,
     limit: int | None = None,
     parallel: int = 1,
+    summary: RunSummary | None = None,
+    out: TextIO | None = None,
 ) -> bool:
-    """Run the dataset's job for each partition key; True when every run succeeded.
+    """Run the dataset's job for each partition key, a line per partition on ``out`` (stdout) and its
+    figures added to ``summary``; True when every run succeeded.
 
     With ``parallel`` > 1, that many worker processes take partitions from a shared queue, as a
     partition backfill's runs would; the rate budget and partition leases hold across them.
@@ -111,12 +119,16 @@ def materialize_partitions(
         results = (f.result() for f in as_completed(futures))
     try:
         with stopping.graceful_signals(at_once=_kill_workers if parallel > 1 else None):
-            for n, (key, status, written, seconds, run_id) in enumerate(results, 1):
+            for n, (key, status, written, seconds, run_id, figures) in enumerate(results, 1):
                 line = f"  [{n}/{len(keys)}] {name} {key}: {status}"
                 if status != STATUS_NOT_STARTED:
-                    line += f", {written} rows written in {seconds:.1f}s (run {run_id[:8]})"
-                print(line, flush=True)
+                    failed = failed_rows(figures)
+                    line += f", {written} rows written" + (f", {failed} failed" if failed else "")
+                    line += f" in {seconds:.1f}s (run {run_id[:8]})"
+                print(line, file=out or sys.stdout, flush=True)
                 ok &= status == "ok"
+                if summary is not None:
+                    summary.add(status, figures)
     finally:
         if parallel > 1:
             pool.shutdown()

@@ -229,3 +229,21 @@ def test_operator_commands_for_scripts_and_pipes(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and str(db.name) in missing.stderr
     debug = run([cli, "--debug", "coverage"], tmp_path, **env)
     assert "Traceback" in debug.stderr
+
+
+def test_materialize_ends_with_a_summary_and_json_for_scripts(tmp_path: Path) -> None:
+    db, env, cli = _demo_project(tmp_path, 250)
+    assert run([cli, "register"], tmp_path, **env).returncode == 0
+    keys = ["0000000000-0000000099", "0000000100-0000000199"]
+    done = run([cli, "materialize", "--yes", "--json", *[f"--partition={k}" for k in keys]], tmp_path, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)  # stdout holds the JSON alone; the partition lines went to stderr
+    assert summary["partitions"] == {"ok": 2} and summary["exit_status"] == 0 and not summary["stopped"]
+    written = query(db, "SELECT count(*) FROM job_postings WHERE id < 200 AND embedded_at > '2026'")[0][0]
+    assert summary["rows_written"] == written > 0 and summary["rows_failed"] == 0
+    assert summary["embedding_requests"] > 0 and summary["rows_written_per_second"] > 0
+    assert f"{keys[0]}: ok," in done.stderr
+
+    again = run([cli, "materialize", "--yes", f"--partition={keys[0]}"], tmp_path, **env)
+    assert "summary: 1 partitions (1 ok)" in again.stdout
+    assert "rows: 0 written, " in again.stdout and " up to date" in again.stdout

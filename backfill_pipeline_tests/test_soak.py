@@ -155,6 +155,7 @@ def test_soak(tmp_path: Path) -> None:
         kills = in_flight_at_kills = 0
         rounds: list[str] = []
         for round_ in range(KILLS):
+            started_at = server.answered_texts()
             proc = subprocess.Popen(
                 [CLI, "materialize", "--yes", "--parallel", "2"],
                 env=env,
@@ -163,9 +164,12 @@ def test_soak(tmp_path: Path) -> None:
                 text=True,
                 start_new_session=True,
             )
-            time.sleep(rng.uniform(1.0, 4.0))
+            # faults and the kill land while the run is paying: after a random number of answers
+            deadline, wanted = time.time() + 90, started_at + rng.randint(5, 60)
+            while server.answered_texts() < wanted and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
             faults[round_ % len(faults)]()
-            time.sleep(rng.uniform(0.5, 4.0))
+            time.sleep(rng.uniform(0.2, 3.0))
             if proc.poll() is None:
                 answered = server.answered_texts()
                 os.killpg(proc.pid, signal.SIGKILL)
