@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from . import stopping
 from .config import DatasetConfig, ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
-from .engine import CallPolicy, embed_texts, enrich_texts
+from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
 from .leases import Lease, held_message
 from .partitions import partition_spec
 from .policy import build_policy
@@ -131,6 +131,7 @@ def call_provider(
     make_provider: Callable[[], P],
     work: Callable[[P, CallPolicy], Awaitable[T]],
     log: Log,
+    ids: list[object],
 ) -> tuple[T, Usage] | str:
     """Holding the partition's lease, check the provider with a free call, run the engine under the dataset's
     policy and log the accounting; return the live holder's run id instead when another run has the lease."""
@@ -140,6 +141,16 @@ def call_provider(
         provider = make_provider()
         policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
         policy.stop = stopping.requested
+        failure_stage = "embedding" if stage == "embeddings" else stage
+
+        one_at_a_time = asyncio.Lock()  # the store's connection takes one transaction at a time
+
+        async def record_now(failed: list[RowFailure]) -> None:
+            found = [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
+            async with one_at_a_time:
+                await asyncio.to_thread(store.ledger.record_failures, found)
+
+        policy.record_failures = record_now
 
         async def go() -> T:
             try:
@@ -184,12 +195,13 @@ def enrich_rows(
             p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "enrichment")
         ),
         log,
+        todo.column("id").to_pylist(),
     )
     if isinstance(called, str):
         return _skipped(lease, called, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
     outcome, usage = called
     table = enrichment_table(dataset, todo, outcome)
-    _record_failures(lease, "enrichment", table, log)
+    _record_failures(lease, "enrichment", table, log, _recorded(todo, outcome.failures))
     failed = len(outcome.failures)
     stopped = _write_if_stopped(lease, dataset, detected, table, embeddings_schema(dataset).empty_table(), log)
     return StepResult(
@@ -238,12 +250,13 @@ def embed_rows(
             p, texts, batch_size=spec.batch_size, policy=policy, progress=progress_logger(log, "embeddings")
         ),
         log,
+        todo.column("id").to_pylist(),
     )
     if isinstance(called, str):
         return _skipped(lease, called, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
     outcome, usage = called
     table = embeddings_table(dataset, todo, outcome)
-    _record_failures(lease, "embedding", table, log)
+    _record_failures(lease, "embedding", table, log, _recorded(todo, outcome.failures))
     stopped = _write_if_stopped(lease, dataset, detected, enrichment, table, log)
     return StepResult(
         table,
@@ -282,12 +295,18 @@ def _not_yet_recorded(store: Store, failures: list[Failure]) -> list[Failure]:
     return [f for f in failures if f.stage == "read" or str(f.row_id) not in recent]
 
 
-def _record_failures(lease: Lease, stage: str, table: pa.Table, log: Log) -> None:
+def _recorded(todo: pa.Table, failures: list[RowFailure]) -> set[object]:
+    ids = todo.column("id").to_pylist()
+    return {ids[f.index] for f in failures if f.recorded}
+
+
+def _record_failures(lease: Lease, stage: str, table: pa.Table, log: Log, recorded: set[object]) -> None:
     """Record a stage's failed rows as soon as it ends, not at the write: an answer that failed validation
     was paid for and is not cached, so a run killed before its write must not ask for it again."""
     failed = stage_failures(stage, table)
     for f in failed:
         log.warning(f"{stage} failed for row id {f.row_id}: [{f.error_class}] {f.message}")
+    failed = [f for f in failed if f.row_id not in recorded]  # the engine recorded paid ones as they came
     if not failed:
         return
     try:

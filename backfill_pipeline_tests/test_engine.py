@@ -67,6 +67,21 @@ def test_enrichment_failures_are_recorded_per_row() -> None:
     assert outcome.results[1] is None and outcome.results[2] is not None
 
 
+def test_answers_paid_for_but_unusable_are_recorded_as_they_come() -> None:
+    """A schema-violating answer was paid for and is not cached: it is handed to the recorder at once (a
+    crash before the step ends must not ask again); a row the provider never answered is not."""
+    seen: list[tuple[int, str]] = []
+
+    async def recorder(failed: list) -> None:
+        seen.extend((f.index, f.error_class) for f in failed)
+
+    policy = CallPolicy(record_failures=recorder)
+    texts = ["fine", "weird answer", "fine too", "timeout please"]
+    outcome = asyncio.run(enrich_texts(SloppyEnricher(), texts, batch_size=2, max_in_flight=2, policy=policy))
+    assert seen == [(1, "invalid_output")]
+    assert [(f.index, f.recorded) for f in outcome.failures] == [(1, True), (3, False)]
+
+
 def test_progress_is_reported() -> None:
     seen: list[tuple[int, int]] = []
     asyncio.run(

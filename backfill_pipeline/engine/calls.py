@@ -8,6 +8,7 @@ A fatal error (bad key, unknown model) stops the step at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ class RowFailure:
     error_class: str
     message: str
     attempts: int = 1
+    recorded: bool = False  # already in the failures table (a paid answer that could not be used)
 
 
 @dataclass
@@ -48,6 +50,8 @@ class CallPolicy:
     expected_output_tokens: int = 0
     stop: Callable[[], bool] = lambda: False  # a graceful stop was requested: send nothing more
     stop_grace_seconds: float = 10.0  # how long requests in flight may still take after a stop
+    # records rows whose paid answer cannot be used, as they come (as the cache keeps good answers)
+    record_failures: Callable[[list[RowFailure]], Awaitable[None]] | None = None
     claim_seconds: float = 30.0  # a claim on a text being paid for lapses this long after its last renewal
     claim_poll_seconds: float = 0.25  # how often a run waiting for another run's answer looks for it
 
@@ -136,6 +140,22 @@ async def call_with_retries(
         provider.usage.retries += 1
         await asyncio.sleep(delay * random.uniform(0.9, 1.25))  # jitter: processes do not retry in lockstep
     raise AssertionError("unreachable")
+
+
+async def finish_or_stop(work: asyncio.Future, policy: CallPolicy) -> None:
+    """Wait for ``work``; after a stop is requested, give the requests in flight a grace, then cancel."""
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    while not work.done():
+        await asyncio.wait({work}, timeout=0.2)
+        if deadline is None and policy.stop():
+            deadline = loop.time() + policy.stop_grace_seconds
+        if deadline is not None and loop.time() >= deadline and not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return
+    work.result()  # a fatal provider error stops the step
 
 
 def batches(indices: Sequence[int], tokens: Sequence[int], max_inputs: int, max_tokens: int | None) -> list[list[int]]:

@@ -11,7 +11,7 @@ stage says only how to key, send, read and keep its answers (as pgai's ``Embedde
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from .calls import (
     call_with_retries,
     error_class,
     error_message,
+    finish_or_stop,
 )
 from .claims import Claims
 
@@ -86,22 +87,6 @@ class StageResult:
     unsent: list[int]  # rows left without a result or a failure by a graceful stop: for the next run
 
 
-async def _finish(work: asyncio.Future, policy: CallPolicy) -> None:
-    """Wait for ``work``; after a stop is requested, give the requests in flight a grace, then cancel."""
-    loop = asyncio.get_running_loop()
-    deadline: float | None = None
-    while not work.done():
-        await asyncio.wait({work}, timeout=0.2)
-        if deadline is None and policy.stop():
-            deadline = loop.time() + policy.stop_grace_seconds
-        if deadline is not None and loop.time() >= deadline and not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            return
-    work.result()  # a fatal provider error stops the step
-
-
 def _unique(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i in wanted:
@@ -144,9 +129,24 @@ async def run_stage(
     elsewhere: dict[str, int] = {}  # texts another run is paying for right now
     size = min(batch_size, provider.max_batch_size)
 
-    def fail(members: list[int], error: str, message: str, attempts: int = 1) -> None:
-        failures.extend(RowFailure(m, error, message, attempts) for m in members)
+    recorded: set[int] = set()
+
+    def fail(members: list[int], error: str, message: str, attempts: int = 1) -> list[RowFailure]:
+        made = [RowFailure(m, error, message, attempts) for m in members]
+        failures.extend(made)
         settle(members)
+        return made
+
+    async def record(paid: list[RowFailure]) -> None:
+        """Answers paid for that cannot be used are recorded at once, so a crash before the step ends
+        does not ask for them again (nor would a retry of the step, the rows now cooling down)."""
+        paid = [f for f in paid if f.error_class not in ("transient", "rate_limit")]  # those were not answered
+        if paid and policy.record_failures is not None:
+            try:
+                await policy.record_failures(paid)
+                recorded.update(f.index for f in paid)
+            except Exception:  # noqa: BLE001 - the step records them when it ends
+                return
 
     def settle(members: list[int]) -> None:
         for m in members:
@@ -175,6 +175,7 @@ async def run_stage(
         return True
 
     async def attempt(batch: list[int]) -> None:
+        answered = False
         try:
             answer, _ = await call_with_retries(
                 provider,
@@ -184,6 +185,7 @@ async def run_stage(
                 policy=policy,
                 gate=gate,
             )
+            answered = True
             results = stage.read(answer, len(batch))
         except (FatalProviderError, StopRequested) as exc:
             if isinstance(exc, StopRequested):
@@ -194,20 +196,25 @@ async def run_stage(
                 half = len(batch) // 2
                 await asyncio.gather(attempt(batch[:half]), attempt(batch[half:]))
                 return
+            made: list[RowFailure] = []
             for i in batch:  # every row the request stood for (identical texts share a request)
-                fail(groups[keys[i]], error_class(exc), error_message(exc), getattr(exc, "attempts", 1))
+                made += fail(groups[keys[i]], error_class(exc), error_message(exc), getattr(exc, "attempts", 1))
+            if answered:
+                await record(made)
             await claims.drop([keys[i] for i in batch])
             return
         fresh: dict[str, bytes] = {}
+        paid: list[RowFailure] = []
         for i, result in zip(batch, results, strict=True):
             members = groups[keys[i]]
             if isinstance(result, RowError):
-                fail(members, result.error_class, result.message)
+                paid += fail(members, result.error_class, result.message)
                 continue
             stage.keep(members, result)
             fresh[keys[i]] = stage.encode(result)
             settle(members)
         await policy.cache.put_many(fresh)  # paid for: keep it before anything else can go wrong
+        await record(paid)
         await claims.drop([keys[i] for i in batch])
 
     async def send(rows: list[int]) -> None:
@@ -230,12 +237,13 @@ async def run_stage(
     renewer = asyncio.ensure_future(claims.keep_renewed())
     try:
         sending = asyncio.ensure_future(send(leaders))
-        await _finish(asyncio.gather(sending, follow(sending)), policy)
+        await finish_or_stop(asyncio.gather(sending, follow(sending)), policy)
     finally:
         renewer.cancel()
         await claims.drop_all()  # what a stop left unsent is free for other runs at once
     unsent = [i for i in range(n) if not settled[i]]
-    return StageResult(sorted(failures, key=lambda f: f.index), unsent)
+    marked = [dataclasses.replace(f, recorded=f.index in recorded) for f in failures]
+    return StageResult(sorted(marked, key=lambda f: f.index), unsent)
 
 
 # -- embeddings --------------------------------------------------------------------------------------

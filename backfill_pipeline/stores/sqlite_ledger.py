@@ -40,7 +40,7 @@ class SQLiteLedger(Ledger):
         if not failures:
             return
         now = utc_now().isoformat()
-        with immediate(self.conn):
+        with self._lock, immediate(self.conn):  # also from the engine's threads, beside the cache's writes
             self.conn.executemany(
                 f"INSERT INTO {FAILURES_TABLE} (dataset, row_id, stage, error_class, message, attempts, "
                 "first_failed_at, last_failed_at, requeued) VALUES (?, ?, ?, ?, ?, 1, ?, ?, 0) "
