@@ -74,12 +74,28 @@ def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
     for name, dataset in _datasets(config, args.dataset).items():
         rows += _coverage_rows(name, dataset, args.by_partition or args.json)
     if args.json:
-        keys = ["dataset", "partition", "rows", "with_text", "covered", "coverage_percent", "needing_work"]
-        out = [dict(zip(keys, [*r[:5], float(str(r[5]).rstrip("%")), _reasons(str(r[6]))], strict=True)) for r in rows]
-        print(json.dumps(out, indent=2))
+        print(json.dumps([_coverage_json(r) for r in rows], indent=2))
         return 0
     _print_table(COVERAGE_HEADERS, rows)
     return 0
+
+
+def cmd_status(config: BackfillConfig, args: argparse.Namespace) -> int:
+    """For scripts and monitors: coverage by dataset and partition, rows by reason, failures by class."""
+    out = []
+    for name, dataset in _datasets(config, args.dataset).items():
+        rows = _coverage_rows(name, dataset, by_partition=True)
+        with open_store(name, dataset) as store:
+            failures = store.ledger.failure_classes()
+        *parts, total = [_coverage_json(r) for r in rows]
+        out.append({**total, "partition": None, "failures": failures, "partitions": parts})
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _coverage_json(row: list[object]) -> dict[str, object]:
+    keys = ["dataset", "partition", "rows", "with_text", "covered", "coverage_percent", "needing_work"]
+    return dict(zip(keys, [*row[:5], float(str(row[5]).rstrip("%")), _reasons(str(row[6]))], strict=True))
 
 
 def _reasons(detail: str) -> dict[str, int]:
@@ -169,8 +185,12 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Dry run: what needs work and what it would cost, without calling a provider or writing."""
-    for name, dataset in _datasets(config, args.dataset).items():
-        print("\n".join(plan_dataset(name, dataset, force=args.force).lines()))
+    plans = [plan_dataset(name, dataset, force=args.force) for name, dataset in _datasets(config, args.dataset).items()]
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+        return 0
+    for plan in plans:
+        print("\n".join(plan.lines()))
     print("dry run: no provider was called and nothing was written")
     return 0
 
@@ -323,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("coverage", cmd_coverage, "show coverage per dataset (and partition)")
     p.add_argument("--by-partition", action="store_true")
     p.add_argument("--json", action="store_true", help="as JSON, every partition and the totals")
+    add("status", cmd_status, "JSON for scripts: coverage by partition, rows by reason, failures by class")
     add("migrate", cmd_migrate, "add missing result columns, results table and failures table")
     p = add("plan", cmd_plan, "dry run: rows needing work by reason, tokens, requests, cost, minutes")
     p.add_argument("--force", action="store_true", help="plan a full re-embed")
+    p.add_argument("--json", action="store_true", help="the plan as JSON, one object per dataset")
     p = add("materialize", cmd_materialize, "run the graph for registered partitions in this process")
     p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
     p.add_argument("--force", action="store_true", help="redo every row")

@@ -63,6 +63,32 @@ class Plan:
             _minutes(self.requests_enrich, self.tokens_enrich, enr.rate_limit),
         )
 
+    def as_dict(self) -> dict[str, object]:
+        emb, enr = self.dataset.embedding, self.dataset.enrichment
+        out: dict[str, object] = {
+            "dataset": self.name,
+            "rows": self.rows,
+            "reasons": dict(sorted(self.reasons.items())),
+            "embedding": {
+                "provider": emb.provider,
+                "model": emb.model,
+                "rows": self.rows_embed,
+                "tokens_estimated": self.tokens_embed,
+                "requests": self.requests_embed,
+            },
+            "estimated_cost_usd": round(self.cost, 6),
+            "minimum_minutes": round(self.minutes, 2),
+        }
+        if enr.enabled:
+            out["enrichment"] = {
+                "provider": enr.provider,
+                "model": enr.model,
+                "rows": self.rows_enrich,
+                "tokens_in_estimated": self.tokens_enrich,
+                "requests": self.requests_enrich,
+            }
+        return out
+
     def lines(self) -> list[str]:
         emb, enr = self.dataset.embedding, self.dataset.enrichment
         out = [f"{self.name}: {self.rows} rows"]

@@ -209,6 +209,15 @@ def test_operator_commands_for_scripts_and_pipes(tmp_path: Path) -> None:
     second = json.loads(run([cli, "failures", "--json", "--limit", "3", "--offset", "3"], tmp_path, **env).stdout)
     assert second["jobs"]["total"] == 7 and [f["row_id"] for f in second["jobs"]["failures"]] == ["3", "2", "1"]
 
+    [status] = json.loads(run([cli, "status"], tmp_path, **env).stdout)
+    assert (
+        status["dataset"] == "jobs" and status["rows"] == 250 and status["failures"] == {"embedding": {"permanent": 7}}
+    )
+    assert sum(p["rows"] for p in status["partitions"]) == 250 and status["needing_work"] == total["needing_work"]
+    [plan] = json.loads(run([cli, "plan", "--json"], tmp_path, **env).stdout)
+    assert plan["rows"] == 250 and 0 < plan["embedding"]["rows"] <= total["with_text"]
+    assert plan["embedding"]["requests"] >= 1 and plan["reasons"]["no_text"] == total["rows"] - total["with_text"]
+
     shown = run([cli, "pools"], tmp_path, **env)
     assert "limit not set" in shown.stdout
     run([cli, "pools", "--llm", "3"], tmp_path, **env)

@@ -54,7 +54,13 @@ def _open_sqlite(layout: TableLayout, url: str, lock_timeout: float) -> Store:
 
     path = sqlite_path(url)
     if not path.exists():
-        raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist")
+        where = "" if path.is_absolute() else f" (relative to the current folder: {path.resolve()})"
+        hint = (
+            "; for the demo, run `backfill-pipeline demo` (or `create-demo-db`) in this folder first"
+            if "demo" in path.name
+            else ""
+        )
+        raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist{where}{hint}")
     conn = sqlite3.connect(path, timeout=lock_timeout, isolation_level=None, check_same_thread=False)
     conn.text_factory = decode_text
     conn.execute("PRAGMA journal_mode=WAL")

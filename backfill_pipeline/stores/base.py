@@ -232,6 +232,10 @@ class Ledger(ABC):
     def failure_count(self) -> int: ...
 
     @abstractmethod
+    def failure_classes(self) -> dict[str, dict[str, int]]:
+        """Recorded failures by stage and error class."""
+
+    @abstractmethod
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         """Make failed rows eligible at once (their cool-down ends now); return how many."""
 

@@ -120,6 +120,13 @@ class PostgresLedger(Ledger):
         row = self.conn.execute(query, [self.dataset]).fetchone()
         return int(row[0]) if row else 0
 
+    def failure_classes(self) -> dict[str, dict[str, int]]:
+        query = sql.SQL("SELECT stage, error_class, count(*) FROM {} WHERE dataset = %s GROUP BY 1, 2")
+        out: dict[str, dict[str, int]] = {}
+        for stage, cls, n in self.conn.execute(query.format(self.failures_table), [self.dataset]):
+            out.setdefault(stage, {})[cls] = n
+        return out
+
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         query = sql.SQL("UPDATE {} SET requeued = true WHERE dataset = %s AND NOT requeued").format(self.failures_table)
         params: list = [self.dataset]

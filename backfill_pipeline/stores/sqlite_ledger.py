@@ -87,6 +87,15 @@ class SQLiteLedger(Ledger):
         query = f"SELECT count(*) FROM {FAILURES_TABLE} WHERE dataset = ?"
         return int(self.conn.execute(query, [self.dataset]).fetchone()[0])
 
+    def failure_classes(self) -> dict[str, dict[str, int]]:
+        rows = self.conn.execute(
+            f"SELECT stage, error_class, count(*) FROM {FAILURES_TABLE} WHERE dataset = ? GROUP BY 1, 2", [self.dataset]
+        )
+        out: dict[str, dict[str, int]] = {}
+        for stage, cls, n in rows:
+            out.setdefault(stage, {})[cls] = n
+        return out
+
     def requeue_failures(self, row_ids: Sequence[object] | None = None) -> int:
         sql = f"UPDATE {FAILURES_TABLE} SET requeued = 1 WHERE dataset = ? AND requeued = 0"
         params: list = [self.dataset]
