@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TextIO
 
 from . import stopping
+from .cli_progress import partition_progress
 from .cli_runs import cli_instance, cli_run_tags, dagster_home
 from .config import load_config
 from .providers import warm_up
@@ -118,14 +119,17 @@ def materialize_partitions(
         futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
         results = (f.result() for f in as_completed(futures))
     try:
-        with stopping.graceful_signals(at_once=_kill_workers if parallel > 1 else None):
+        with (
+            stopping.graceful_signals(at_once=_kill_workers if parallel > 1 else None),
+            partition_progress(name, len(keys), out or sys.stdout) as report,
+        ):
             for n, (key, status, written, seconds, run_id, figures) in enumerate(results, 1):
                 line = f"  [{n}/{len(keys)}] {name} {key}: {status}"
                 if status != STATUS_NOT_STARTED:
                     failed = failed_rows(figures)
                     line += f", {written} rows written" + (f", {failed} failed" if failed else "")
                     line += f" in {seconds:.1f}s (run {run_id[:8]})"
-                print(line, file=out or sys.stdout, flush=True)
+                report(line, figures)
                 ok &= status == "ok"
                 if summary is not None:
                     summary.add(status, figures)

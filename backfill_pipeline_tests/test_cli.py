@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -256,3 +257,34 @@ def test_materialize_ends_with_a_summary_and_json_for_scripts(tmp_path: Path) ->
     again = run([cli, "materialize", "--yes", f"--partition={keys[0]}"], tmp_path, **env)
     assert "summary: 1 partitions (1 ok)" in again.stdout
     assert "rows: 0 written, " in again.stdout and " up to date" in again.stdout
+
+
+def test_at_a_terminal_materialize_shows_a_live_progress_bar(tmp_path: Path) -> None:
+    """With a terminal as stdout, a bar over the partitions (done of all, rows, failures, cost, time left);
+    in a pipe (the other tests), plain lines."""
+    import os
+    import pty
+
+    db, env, cli = _demo_project(tmp_path, 250)
+    assert run([cli, "register"], tmp_path, **env).returncode == 0
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [cli, "materialize", "--yes"], cwd=tmp_path, env=subprocess_env(**env, COLUMNS="160"),
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    drawn = screen.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    assert "3/3 partitions" in text and "rows written, 0 failed, $0.0000" in text
+    assert "0000000200-0000000299: ok," in text and "\x1b[" in drawn  # drawn, not printed
