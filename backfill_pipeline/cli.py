@@ -16,10 +16,9 @@ from pathlib import Path
 from . import stopping
 from .cli_materialize import materialize_partitions
 from .cli_runs import cli_instance, fail_dead_cli_runs
+from .cli_tables import COVERAGE_HEADERS, coverage_json, coverage_rows, print_table
 from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
-from .coverage import Coverage, partition_coverage
-from .detection import Reason
-from .partitions import partition_activity, partition_spec, partitions_name, register_partitions
+from .partitions import partition_activity, partitions_name, register_partitions
 from .plan import plan_dataset
 from .redact import mask_secrets
 from .run_summary import RunSummary
@@ -35,48 +34,14 @@ def _datasets(config: BackfillConfig, only: str | None) -> dict[str, DatasetConf
     return {only: config.datasets[only]}
 
 
-def _print_table(headers: list[str], rows: list[list[object]]) -> None:
-    cells = [headers, *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print(
-            "  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        )
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-COVERAGE_HEADERS = ["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"]
-
-
-def _coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool) -> list[list[object]]:
-    rows: list[list[object]] = []
-    total = Coverage()
-    with open_store(name, dataset) as store:
-        store.check_schema()
-        for key, _ in partition_activity(store.rows, dataset):
-            cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
-            total.add(cov)
-            if by_partition:
-                rows.append(_coverage_row(name, key, cov))
-    rows.append(_coverage_row(name, "(all)", total))
-    return rows
-
-
-def _coverage_row(name: str, key: str, cov: Coverage) -> list[object]:
-    pending = {r: n for r, n in cov.reasons.items() if r not in (Reason.OK.value, Reason.NO_TEXT.value)}
-    detail = ", ".join(f"{r}={n}" for r, n in sorted(pending.items())) or "-"
-    return [name, key, cov.rows, cov.with_text, cov.covered, f"{cov.percent:.1f}%", detail]
-
-
 def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
     rows: list[list[object]] = []
     for name, dataset in _datasets(config, args.dataset).items():
-        rows += _coverage_rows(name, dataset, args.by_partition or args.json)
+        rows += coverage_rows(name, dataset, args.by_partition or args.json)
     if args.json:
-        print(json.dumps([_coverage_json(r) for r in rows], indent=2))
+        print(json.dumps([coverage_json(r) for r in rows], indent=2))
         return 0
-    _print_table(COVERAGE_HEADERS, rows)
+    print_table(COVERAGE_HEADERS, rows)
     return 0
 
 
@@ -84,25 +49,13 @@ def cmd_status(config: BackfillConfig, args: argparse.Namespace) -> int:
     """For scripts and monitors: coverage by dataset and partition, rows by reason, failures by class."""
     out = []
     for name, dataset in _datasets(config, args.dataset).items():
-        rows = _coverage_rows(name, dataset, by_partition=True)
+        rows = coverage_rows(name, dataset, by_partition=True)
         with open_store(name, dataset) as store:
             failures = store.ledger.failure_classes()
-        *parts, total = [_coverage_json(r) for r in rows]
+        *parts, total = [coverage_json(r) for r in rows]
         out.append({**total, "partition": None, "failures": failures, "partitions": parts})
     print(json.dumps(out, indent=2))
     return 0
-
-
-def _coverage_json(row: list[object]) -> dict[str, object]:
-    keys = ["dataset", "partition", "rows", "with_text", "covered", "coverage_percent", "needing_work"]
-    return dict(zip(keys, [*row[:5], float(str(row[5]).rstrip("%")), _reasons(str(row[6]))], strict=True))
-
-
-def _reasons(detail: str) -> dict[str, int]:
-    """``"null_embedding=3, stale_text=1"`` as a mapping (``-``: none)."""
-    if detail == "-":
-        return {}
-    return {k: int(v) for k, v in (part.split("=") for part in detail.split(", "))}
 
 
 def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -155,6 +108,12 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
         name: list(args.partition or instance.get_dynamic_partitions(partitions_name(name)))
         for name in _datasets(config, args.dataset)
     }
+    limits_of: dict[str, dict[str, int] | None] = {name: None for name in keys_of}
+    if args.limit:  # the whole run does at most --limit rows of work: shared over partitions in order
+        for name, dataset in _datasets(config, args.dataset).items():
+            plan = plan_dataset(name, dataset, force=args.force, keys=keys_of[name], limit=args.limit)
+            limits_of[name] = {k: n for k, n in plan.work_by_partition.items() if n}
+            keys_of[name] = list(limits_of[name] or {})
     if not _confirmed(config, args, keys_of):
         print("nothing done")
         return 1
@@ -166,7 +125,7 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
             ok = False
             continue
         ok &= materialize_partitions(
-            args.config, name, keys, force=args.force, limit=args.limit, parallel=args.parallel,
+            args.config, name, keys, force=args.force, limits=limits_of[name], parallel=args.parallel,
             summary=summary, out=lines,
         )  # fmt: skip
     summary.seconds = time.monotonic() - started
@@ -185,7 +144,10 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Dry run: what needs work and what it would cost, without calling a provider or writing."""
-    plans = [plan_dataset(name, dataset, force=args.force) for name, dataset in _datasets(config, args.dataset).items()]
+    plans = [
+        plan_dataset(name, dataset, force=args.force, keys=args.partition, limit=args.limit)
+        for name, dataset in _datasets(config, args.dataset).items()
+    ]
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
         return 0
@@ -200,7 +162,8 @@ def _confirmed(config: BackfillConfig, args: argparse.Namespace, keys: dict[str,
     if args.yes or not sys.stdin.isatty():
         return True
     for name, dataset in _datasets(config, args.dataset).items():
-        print("\n".join(plan_dataset(name, dataset, force=args.force, keys=keys[name]).lines()))
+        plan = plan_dataset(name, dataset, force=args.force, keys=keys[name], limit=args.limit)
+        print("\n".join(plan.lines()))
     return input("Continue? (yes/no): ").strip().lower() in ("y", "yes")
 
 
@@ -218,7 +181,7 @@ def cmd_search(config: BackfillConfig, args: argparse.Namespace) -> int:
     print(
         f"{name}: the {len(hits)} rows nearest {args.query!r} ({dataset.embedding.provider} {dataset.embedding.model})"
     )
-    _print_table(["#", "id", "similarity", "text"], rows)
+    print_table(["#", "id", "similarity", "text"], rows)
     return 0
 
 
@@ -239,7 +202,7 @@ def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
         for name, page in pages.items() for f in page["failures"]
     ]  # fmt: skip
     if rows:
-        _print_table(["dataset", "row id", "stage", "class", "attempts", "last failed", "requeued", "message"], rows)
+        print_table(["dataset", "row id", "stage", "class", "attempts", "last failed", "requeued", "message"], rows)
     for name, page in pages.items():
         if not page["total"]:
             print(f"{name}: no failures recorded")
@@ -297,17 +260,17 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
     print(f"Dagster instance: {cli_instance().root_directory}")
     keys = register_all(config, name)[name]
     print("\ncoverage before:")
-    _print_table(
+    print_table(
         COVERAGE_HEADERS,
-        _coverage_rows(name, dataset, by_partition=False),
+        coverage_rows(name, dataset, by_partition=False),
     )
     print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
     started = time.monotonic()
     ok = materialize_partitions(args.config or str(demo_config_path()), name, keys)
     seconds = time.monotonic() - started
     print("\ncoverage after:")
-    rows = _coverage_rows(name, dataset, by_partition=False)
-    _print_table(COVERAGE_HEADERS, rows)
+    rows = coverage_rows(name, dataset, by_partition=False)
+    print_table(COVERAGE_HEADERS, rows)
     total_rows = int(str(rows[-1][2]))
     print(
         f"\n{total_rows} rows through the graph in {seconds:.1f}s ({int(total_rows) / seconds:.0f} rows/s, "
@@ -348,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "dry run: rows needing work by reason, tokens, requests, cost, minutes")
     p.add_argument("--force", action="store_true", help="plan a full re-embed")
     p.add_argument("--json", action="store_true", help="the plan as JSON, one object per dataset")
+    p.add_argument("--partition", action="append", help="only this partition key (repeatable)")
+    p.add_argument("--limit", type=int, help="plan at most this many rows of work, partitions in order")
     p = add("materialize", cmd_materialize, "run the graph for registered partitions in this process")
     p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
     p.add_argument("--force", action="store_true", help="redo every row")
-    p.add_argument("--limit", type=int, help="at most this many rows per partition")
+    p.add_argument("--limit", type=int, help="at most this many rows of work in the whole run (partitions in order)")
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation at a terminal")
     p.add_argument("--json", action="store_true", help="the summary as one JSON document on stdout")

@@ -89,7 +89,7 @@ def materialize_partitions(
     keys: list[str],
     *,
     force: bool = False,
-    limit: int | None = None,
+    limits: dict[str, int] | None = None,
     parallel: int = 1,
     summary: RunSummary | None = None,
     out: TextIO | None = None,
@@ -103,7 +103,7 @@ def materialize_partitions(
     ok = True
     results: Iterable[tuple]
     if parallel <= 1:
-        results = (_run_partition(config_path, name, k, force, limit) for k in keys)
+        results = (_run_partition(config_path, name, k, force, (limits or {}).get(k)) for k in keys)
     else:
         dagster_home()  # for the workers; each opens its own instance after the fork
         # built once here, inherited by the forked workers instead of being built again by each of them
@@ -116,7 +116,7 @@ def materialize_partitions(
         pool = ProcessPoolExecutor(
             max_workers=parallel, mp_context=multiprocessing.get_context(method), initializer=_worker_started
         )
-        futures = [pool.submit(_run_partition, config_path, name, k, force, limit) for k in keys]
+        futures = [pool.submit(_run_partition, config_path, name, k, force, (limits or {}).get(k)) for k in keys]
         results = (f.result() for f in as_completed(futures))
     try:
         with (

@@ -1,17 +1,47 @@
-"""The dry run: what needs work and what it would cost, without calling a provider or writing a row."""
+"""The dry run: what needs work and what it would cost, without calling a provider or writing a row.
+
+The plan counts what the engine would send, partition by partition as runs would: texts cut to the
+model's limit and counted with the provider's own tokenizer, identical texts once, answers already in the
+paid-results cache left out, and requests made with every per-request limit (inputs and tokens). It works
+before `migrate` (result columns not there yet count as empty) and says what is missing.
+"""
 
 from __future__ import annotations
 
-import math
+import asyncio
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .config import DatasetConfig, RateLimitSpec
-from .detection import detect
+from .cache import NullCache, ResultCache, embedding_key, enrichment_key
+from .config import DatasetConfig, EmbeddingSpec, EnrichmentSpec, ProviderSpec, RateLimitSpec
+from .detection import apply_limit, detect
+from .engine.calls import batches
 from .partitions import partition_activity, partition_spec
-from .stores import open_store
+from .policy import build_policy
+from .providers import build_embedding_provider, build_enrichment_provider
+from .providers.base import EmbeddingProvider, EnrichmentProvider
+from .stores import Ledger, open_store
 
-CHARS_PER_TOKEN = 4  # an estimate: exact counts need the provider's tokenizer, and a plan must be cheap
+PLACEHOLDER_KEY = "plan-makes-no-call"  # providers are built to count and batch, never to send
+
+
+@dataclass
+class StageEstimate:
+    rows: int = 0
+    distinct: int = 0
+    cached: int = 0
+    truncated: int = 0
+    tokens: int = 0  # input tokens of the texts still to pay for
+    requests: int = 0
+
+    def add(self, other: StageEstimate) -> None:
+        for name in ("rows", "distinct", "cached", "truncated", "tokens", "requests"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def to_pay(self) -> int:
+        return self.distinct - self.cached
 
 
 @dataclass
@@ -19,48 +49,32 @@ class Plan:
     name: str
     dataset: DatasetConfig
     reasons: Counter = field(default_factory=Counter)
-    rows_embed: int = 0
-    rows_enrich: int = 0
-    chars_embed: int = 0
-    chars_enrich: int = 0
+    embedding: StageEstimate = field(default_factory=StageEstimate)
+    enrichment: StageEstimate = field(default_factory=StageEstimate)
+    missing: list[str] = field(default_factory=list)
+    work_by_partition: dict[str, int] = field(default_factory=dict)  # rows needing work, after any limit
 
     @property
     def rows(self) -> int:
         return sum(self.reasons.values())
 
     @property
-    def tokens_embed(self) -> int:
-        return self.chars_embed // CHARS_PER_TOKEN
-
-    @property
-    def tokens_enrich(self) -> int:
-        return self.chars_enrich // CHARS_PER_TOKEN
-
-    @property
-    def requests_embed(self) -> int:
-        return math.ceil(self.rows_embed / self.dataset.embedding.batch_size) if self.rows_embed else 0
-
-    @property
-    def requests_enrich(self) -> int:
-        enr = self.dataset.enrichment
-        return self.rows_enrich if enr.provider != "offline" else math.ceil(self.rows_enrich / enr.batch_size)
-
-    @property
     def cost(self) -> float:
         emb, enr = self.dataset.embedding, self.dataset.enrichment
-        output_tokens = self.rows_enrich * enr.expected_output_tokens
+        output_tokens = self.enrichment.to_pay * enr.expected_output_tokens
         return (
-            self.tokens_embed / 1e6 * emb.price_per_million_input_tokens
-            + self.tokens_enrich / 1e6 * enr.price_per_million_input_tokens
+            self.embedding.tokens / 1e6 * emb.price_per_million_input_tokens
+            + self.enrichment.tokens / 1e6 * enr.price_per_million_input_tokens
             + output_tokens / 1e6 * enr.price_per_million_output_tokens
         )
 
     @property
     def minutes(self) -> float:
         emb, enr = self.dataset.embedding, self.dataset.enrichment
+        output_tokens = self.enrichment.to_pay * enr.expected_output_tokens
         return max(
-            _minutes(self.requests_embed, self.tokens_embed, emb.rate_limit),
-            _minutes(self.requests_enrich, self.tokens_enrich, enr.rate_limit),
+            _minutes(self.embedding.requests, self.embedding.tokens, emb.rate_limit),
+            _minutes(self.enrichment.requests, self.enrichment.tokens + output_tokens, enr.rate_limit),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -69,44 +83,40 @@ class Plan:
             "dataset": self.name,
             "rows": self.rows,
             "reasons": dict(sorted(self.reasons.items())),
-            "embedding": {
-                "provider": emb.provider,
-                "model": emb.model,
-                "rows": self.rows_embed,
-                "tokens_estimated": self.tokens_embed,
-                "requests": self.requests_embed,
-            },
+            "embedding": {"provider": emb.provider, "model": emb.model, **vars(self.embedding)},
             "estimated_cost_usd": round(self.cost, 6),
             "minimum_minutes": round(self.minutes, 2),
+            "not_migrated": self.missing,
         }
         if enr.enabled:
-            out["enrichment"] = {
-                "provider": enr.provider,
-                "model": enr.model,
-                "rows": self.rows_enrich,
-                "tokens_in_estimated": self.tokens_enrich,
-                "requests": self.requests_enrich,
-            }
+            out["enrichment"] = {"provider": enr.provider, "model": enr.model, **vars(self.enrichment)}
         return out
 
     def lines(self) -> list[str]:
         emb, enr = self.dataset.embedding, self.dataset.enrichment
         out = [f"{self.name}: {self.rows} rows"]
         out += [f"  {reason:<24} {count}" for reason, count in sorted(self.reasons.items())]
-        out.append(
-            f"  embedding:  {self.rows_embed} rows, ~{self.tokens_embed:,} tokens, {self.requests_embed} requests "
-            f"({emb.provider} {emb.model})"
-        )
+        out.append(_stage_line("embedding: ", self.embedding, emb))
         if enr.enabled:
-            out.append(
-                f"  enrichment: {self.rows_enrich} rows, ~{self.tokens_enrich:,} tokens in, "
-                f"{self.requests_enrich} requests ({enr.provider} {enr.model})"
-            )
+            out.append(_stage_line("enrichment:", self.enrichment, enr))
         out.append(
             f"  estimated cost ${self.cost:.4f} at configured prices; at least {self.minutes:.1f} min at "
             "configured limits"
         )
+        if self.missing:
+            out.append(
+                f"  not migrated yet: {', '.join(self.missing)} (run `backfill-pipeline migrate`); planned as if "
+                "they were empty"
+            )
         return out
+
+
+def _stage_line(label: str, e: StageEstimate, spec: ProviderSpec) -> str:
+    return (
+        f"  {label} {e.rows} rows, {e.distinct} distinct texts, {e.cached} already paid for (cache), "
+        f"{e.truncated} cut to the model's limit; ~{e.tokens:,} tokens in {e.requests} requests "
+        f"({spec.provider} {spec.model})"
+    )
 
 
 def _minutes(requests: int, tokens: int, limit: RateLimitSpec) -> float:
@@ -118,24 +128,81 @@ def _minutes(requests: int, tokens: int, limit: RateLimitSpec) -> float:
     return max(bounds)
 
 
-def plan_dataset(name: str, dataset: DatasetConfig, *, force: bool = False, keys: list[str] | None = None) -> Plan:
-    """Detect every row of the dataset (or of ``keys``) as a run would, and add up what it would send."""
+def _key(spec: ProviderSpec) -> str:
+    env = spec.resolved_api_key_env
+    return (os.environ.get(env) if env else None) or PLACEHOLDER_KEY
+
+
+def estimate(
+    provider: EmbeddingProvider | EnrichmentProvider, texts: list[str], batch_size: int, cache: ResultCache
+) -> StageEstimate:
+    """What the engine would send for ``texts`` in one partition's run."""
+    sent, tokens, truncated = provider.prepare(texts)
+    if isinstance(provider, EmbeddingProvider):
+        keys = [embedding_key(provider.name, provider.model, provider.dimension, t) for t in sent]
+    else:
+        keys = [enrichment_key(provider.name, provider.model, t) for t in sent]
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    cached = asyncio.run(cache.get_many(sorted(first))) if first else {}
+    todo = [i for k, i in first.items() if k not in cached]
+    size = min(batch_size, provider.max_batch_size)
+    requests = batches(todo, tokens, size, getattr(provider, "max_batch_tokens", None))
+    paid = sum(tokens[i] for i in todo)
+    return StageEstimate(len(texts), len(first), len(first) - len(todo), truncated, paid, len(requests))
+
+
+def _cache(dataset: DatasetConfig, spec: ProviderSpec, ledger: Ledger, ready: bool) -> ResultCache:
+    return build_policy(dataset, spec, ledger).cache if ready else NullCache()
+
+
+def plan_dataset(
+    name: str,
+    dataset: DatasetConfig,
+    *,
+    force: bool = False,
+    keys: list[str] | None = None,
+    limit: int | None = None,
+) -> Plan:
+    """Detect every row of the dataset (or of ``keys``) as a run would, and add up what it would send;
+    ``limit`` caps the rows needing work over the whole plan, partitions in order."""
     plan = Plan(name, dataset)
+    emb_spec: EmbeddingSpec = dataset.embedding
+    enr_spec: EnrichmentSpec = dataset.enrichment
+    embedder = build_embedding_provider(emb_spec, _key(emb_spec))
+    enricher = build_enrichment_provider(enr_spec, _key(enr_spec)) if enr_spec.enabled else None
     with open_store(name, dataset) as store:
-        store.check_schema()
+        plan.missing = store.missing_columns()
+        ledger_ready = not store.ledger.missing_tables()
+        if not plan.missing:
+            store.rows.check_columns()
+        emb_cache = _cache(dataset, emb_spec, store.ledger, ledger_ready)
+        enr_cache = _cache(dataset, enr_spec, store.ledger, ledger_ready) if enricher else NullCache()
+        remaining = limit
         for key in keys if keys is not None else [k for k, _ in partition_activity(store.rows, dataset)]:
+            if remaining is not None and remaining <= 0:
+                break
             raw = store.rows.read_partition(partition_spec(key, dataset, store.rows), dataset.read_batch_size)
-            cooling = store.ledger.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
+            ids = raw.column("id").to_pylist()
+            cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours) if ledger_ready else set()
             detected = detect(raw, dataset, force=force, cooling_ids=cooling)
+            if remaining is not None:
+                detected = apply_limit(detected, remaining)
             plan.reasons.update(detected.column("reason").to_pylist())
-            for text, emb, enr in zip(
-                detected.column("text").to_pylist(),
-                detected.column("needs_embedding").to_pylist(),
-                detected.column("needs_enrichment").to_pylist(),
-                strict=True,
-            ):
-                plan.rows_embed += emb
-                plan.rows_enrich += enr
-                plan.chars_embed += len(text or "") * emb
-                plan.chars_enrich += len(text or "") * enr
+            texts = detected.column("text").to_pylist()
+            needs_emb = detected.column("needs_embedding").to_pylist()
+            needs_enr = detected.column("needs_enrichment").to_pylist()
+            work = sum(1 for e, n in zip(needs_emb, needs_enr, strict=True) if e or n)
+            plan.work_by_partition[key] = work
+            if remaining is not None:
+                remaining -= work
+            # the texts as sent before enrichment; with include_enrichment the embedded text grows a little
+            chosen = [t or "" for t, e in zip(texts, needs_emb, strict=True) if e]
+            plan.embedding.add(estimate(embedder, chosen, emb_spec.batch_size, emb_cache))
+            if enricher is not None:
+                chosen = [t or "" for t, n in zip(texts, needs_enr, strict=True) if n]
+                plan.enrichment.add(estimate(enricher, chosen, enr_spec.batch_size, enr_cache))
+        for cache in (emb_cache, enr_cache):
+            asyncio.run(cache.aclose())
     return plan

@@ -140,7 +140,7 @@ def call_provider(
             return holder
         provider = make_provider()
         policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
-        policy.stop = stopping.requested
+        policy.stop, policy.stop_grace_seconds = stopping.requested, dataset.stop_grace_seconds
         failure_stage = "embedding" if stage == "embeddings" else stage
 
         one_at_a_time = asyncio.Lock()  # the store's connection takes one transaction at a time

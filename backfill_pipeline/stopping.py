@@ -29,6 +29,7 @@ _reason: dict[str, str] = {}
 _written: dict[str, int] = {}
 _exit_on_second = {"on": False}
 _seen = {"signals": 0}  # by this process: with Ctrl+C, the CLI and its workers each receive one
+_runs: dict[str, str | None] = {"current": None, "stopped": None}  # run ids, in this process
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_AT_ONCE = 130  # the shell's status for a process ended by Ctrl+C
 
@@ -42,12 +43,21 @@ def requested() -> bool:
 
 
 def reason() -> str:
-    return _reason.get("why", "a stop was requested")
+    return _reason.get("why", "a stop request")
 
 
 def request(why: str) -> None:
     _reason["why"] = why
+    _runs["stopped"] = _runs["current"]
     _requested.set()
+
+
+def enter_run(run_id: str) -> None:
+    """Called by each step: a stop asked for during an earlier run of this process (a notebook, a test)
+    does not stop the next one."""
+    if _runs["stopped"] is not None and _runs["stopped"] != run_id:
+        reset()
+    _runs["current"] = run_id
 
 
 def record_written(rows: int) -> None:
@@ -64,6 +74,7 @@ def reset() -> None:
     _reason.pop("why", None)
     _written.clear()
     _seen["signals"] = 0
+    _runs["stopped"] = None
     _requested.clear()
 
 

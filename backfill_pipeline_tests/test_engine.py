@@ -142,3 +142,19 @@ def test_requests_in_flight_past_the_grace_are_abandoned_unsent() -> None:
         asyncio.wait_for(embed_texts(provider, texts, batch_size=8, max_in_flight=2, policy=policy), 10)
     )
     assert outcome.ok.sum() == 8 and outcome.unsent == list(range(8, 16)) and not outcome.failures
+
+
+def test_a_stop_belongs_to_the_run_it_was_asked_for_in() -> None:
+    """In a long-lived process (a notebook), a Ctrl+C during one run does not stop the next run."""
+    from backfill_pipeline import stopping
+
+    stopping.reset()
+    try:
+        stopping.enter_run("run-a")
+        stopping.request("Ctrl+C")
+        stopping.enter_run("run-a")  # the stopped run's next step still sees it
+        assert stopping.requested() and stopping.reason() == "Ctrl+C"
+        stopping.enter_run("run-b")
+        assert not stopping.requested()
+    finally:
+        stopping.reset()

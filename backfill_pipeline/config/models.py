@@ -307,6 +307,11 @@ class DatasetConfig(_Model):
         ge=2,
         description="A partition's lease expires when its run has not renewed it for this long (a killed run).",
     )
+    stop_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="After Ctrl+C, SIGTERM or Terminate, how long requests in flight may still take to answer.",
+    )
     retry: RetrySpec = Field(default_factory=RetrySpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     rate_limiter: RateLimiterSpec = Field(default_factory=RateLimiterSpec)

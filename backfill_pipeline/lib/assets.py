@@ -46,6 +46,7 @@ def step_boundary(context: dg.AssetExecutionContext, stage: str, last: bool = Fa
     (see :mod:`backfill_pipeline.stopping`), which ends the run after this step unless it is the ``last``;
     a table that does not fit the config, a missing key or an unknown model will not be fixed by a retry:
     fail at once, with the one-line message."""
+    stopping.enter_run(context.run.run_id)
     try:
         with stopping.graceful_signals():
             yield

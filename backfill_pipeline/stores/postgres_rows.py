@@ -244,7 +244,9 @@ class PostgresRows(RowStore):
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), params
 
     def _as_text(self, alias: str, column: str) -> sql.Composable:
-        kind = self.target_columns()[column]
+        kind = self.target_columns().get(column)
+        if kind is None:  # not added yet (a plan before `migrate`): read as NULL, so every row needs work
+            return sql.SQL("NULL")
         ref = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
         if kind.category == "A" and kind.typname not in ("_float4", "_float8"):
             return sql.SQL("array_to_json({})::text").format(ref)
@@ -261,7 +263,7 @@ class PostgresRows(RowStore):
         select += [self._as_text(r, column) for column in lay.stored_columns]
         join = (
             sql.SQL(" LEFT JOIN {} AS r ON r.{} = s.{}").format(self.dst, self.dst_id, self.id)
-            if lay.separate
+            if lay.separate and self.target_columns()
             else sql.SQL("")
         )
         where, params = self._where(part)

@@ -175,8 +175,10 @@ class SQLiteRows(RowStore):
         r = "r" if lay.separate else "s"
         select = [f"s.{self.id}", f"s.{quote(lay.archive_column)}" if lay.archive_column else "NULL"]
         select += [f"s.{quote(f)}" for f in lay.text_fields]
-        select += [f"{r}.{quote(c)}" for c in lay.stored_columns]
-        join = f" LEFT JOIN {self.dst} AS r ON r.{self.dst_id} = s.{self.id}" if lay.separate else ""
+        # result columns not added yet (a plan before `migrate`) read as NULL: every row then needs work
+        present = table_columns(self.conn, lay.target.name)
+        select += [f"{r}.{quote(c)}" if c in present else "NULL" for c in lay.stored_columns]
+        join = f" LEFT JOIN {self.dst} AS r ON r.{self.dst_id} = s.{self.id}" if lay.separate and present else ""
         where, params = self._where(part)
         sql = f"SELECT {', '.join(select)} FROM {self._source_filtered()}{join}{where} ORDER BY s.{self.id}"
         schema = self.raw_schema()
