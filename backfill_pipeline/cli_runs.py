@@ -36,11 +36,14 @@ def dagster_home() -> Path:
     return settings.parent
 
 
-@functools.cache
 def cli_instance() -> dg.DagsterInstance:
-    """The Dagster instance of :func:`dagster_home`."""
-    dagster_home()
-    return dg.DagsterInstance.get()
+    """The Dagster instance of :func:`dagster_home` (one per home: a process may run commands for several)."""
+    return _instance_of(str(dagster_home()))
+
+
+@functools.cache
+def _instance_of(home: str) -> dg.DagsterInstance:
+    return dg.DagsterInstance.from_config(home)
 
 
 def cli_run_tags() -> dict[str, str]:
