@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cache import NullCache, ResultCache, embedding_key, enrichment_key
@@ -134,9 +135,13 @@ def _key(spec: ProviderSpec) -> str:
 
 
 def estimate(
-    provider: EmbeddingProvider | EnrichmentProvider, texts: list[str], batch_size: int, cache: ResultCache
+    provider: EmbeddingProvider | EnrichmentProvider,
+    texts: list[str],
+    batch_size: int,
+    make_cache: Callable[[], ResultCache],
 ) -> StageEstimate:
-    """What the engine would send for ``texts`` in one partition's run."""
+    """What the engine would send for ``texts`` in one partition's run. The cache is opened in the event
+    loop that reads it (a Redis client belongs to the loop it was made in)."""
     sent, tokens, truncated = provider.prepare(texts)
     if isinstance(provider, EmbeddingProvider):
         keys = [embedding_key(provider.name, provider.model, provider.dimension, t) for t in sent]
@@ -145,7 +150,15 @@ def estimate(
     first: dict[str, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
-    cached = asyncio.run(cache.get_many(sorted(first))) if first else {}
+
+    async def look_up() -> dict[str, bytes]:
+        cache = make_cache()
+        try:
+            return await cache.get_many(sorted(first))
+        finally:
+            await cache.aclose()
+
+    cached = asyncio.run(look_up()) if first else {}
     todo = [i for k, i in first.items() if k not in cached]
     size = min(batch_size, provider.max_batch_size)
     requests = batches(todo, tokens, size, getattr(provider, "max_batch_tokens", None))
@@ -153,8 +166,8 @@ def estimate(
     return StageEstimate(len(texts), len(first), len(first) - len(todo), truncated, paid, len(requests))
 
 
-def _cache(dataset: DatasetConfig, spec: ProviderSpec, ledger: Ledger, ready: bool) -> ResultCache:
-    return build_policy(dataset, spec, ledger).cache if ready else NullCache()
+def _cache(dataset: DatasetConfig, spec: ProviderSpec, ledger: Ledger, ready: bool) -> Callable[[], ResultCache]:
+    return (lambda: build_policy(dataset, spec, ledger).cache) if ready else NullCache
 
 
 def plan_dataset(
@@ -178,7 +191,7 @@ def plan_dataset(
         if not plan.missing:
             store.rows.check_columns()
         emb_cache = _cache(dataset, emb_spec, store.ledger, ledger_ready)
-        enr_cache = _cache(dataset, enr_spec, store.ledger, ledger_ready) if enricher else NullCache()
+        enr_cache = _cache(dataset, enr_spec, store.ledger, ledger_ready) if enricher else NullCache
         remaining = limit
         for key in keys if keys is not None else [k for k, _ in partition_activity(store.rows, dataset)]:
             if remaining is not None and remaining <= 0:
@@ -203,6 +216,4 @@ def plan_dataset(
             if enricher is not None:
                 chosen = [t or "" for t, n in zip(texts, needs_enr, strict=True) if n]
                 plan.enrichment.add(estimate(enricher, chosen, enr_spec.batch_size, enr_cache))
-        for cache in (emb_cache, enr_cache):
-            asyncio.run(cache.aclose())
     return plan

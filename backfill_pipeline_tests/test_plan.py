@@ -9,6 +9,7 @@ import sqlite3
 from backfill_pipeline.cli import main
 from backfill_pipeline.config import load_config
 from backfill_pipeline.plan import plan_dataset
+from backfill_pipeline.stores import open_store
 
 from .conftest import query, write_config
 from .graph_helpers import register, run_partition
@@ -58,3 +59,26 @@ def test_a_plan_before_migrate_and_a_limit_over_the_whole_run(demo_db, tmp_path,
     assert main(["materialize", "--yes", "--limit", "150"]) == 0
     assert query(demo_db, EMBEDDED_HERE)[0][0] - before == 150  # the whole run, not each partition
     assert len(keys) > len([k for k, n in limited.work_by_partition.items() if n])
+
+
+def test_a_plan_reads_a_redis_cache_over_several_partitions(demo_db, tmp_path) -> None:
+    """Each partition's look-up opens the cache in its own event loop (a Redis client belongs to one)."""
+    import uuid
+
+    data = provider_config(demo_db, _NoServer())
+    jobs = data["datasets"]["jobs"]
+    jobs["enrichment"]["enabled"] = False
+    jobs["cache"] = {
+        "backend": "redis",
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "key_prefix": f"backfill-test-{uuid.uuid4().hex}:",  # only read, never written
+    }
+    dataset = load_config(write_config(tmp_path, data)).datasets["jobs"]
+    with open_store("jobs", dataset) as store:
+        store.migrate()  # the cache is read once the pipeline's tables exist
+    plan = plan_dataset("jobs", dataset)
+    assert len(plan.work_by_partition) >= 3 and plan.embedding.requests >= 3
+
+
+class _NoServer:
+    openai_url = gemini_url = "http://127.0.0.1:9/v1"  # a plan calls no provider
