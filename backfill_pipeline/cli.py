@@ -11,14 +11,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from . import stopping
 from .cli_materialize import materialize_partitions
 from .cli_runs import cli_instance, fail_dead_cli_runs
 from .cli_tables import COVERAGE_HEADERS, coverage_json, coverage_rows, print_table
 from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
-from .partitions import partition_activity, partitions_name, register_partitions
+from .partition_args import named_partitions, partitions_to_run
+from .partitions import is_dynamic, partition_activity, register_partitions
 from .plan import plan_dataset
 from .redact import mask_secrets
 from .run_summary import RunSummary
@@ -34,28 +37,49 @@ def _datasets(config: BackfillConfig, only: str | None) -> dict[str, DatasetConf
     return {only: config.datasets[only]}
 
 
-def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
-    rows: list[list[object]] = []
+T = TypeVar("T")
+
+
+def _each(
+    config: BackfillConfig, args: argparse.Namespace, work: Callable[[str, DatasetConfig], T]
+) -> tuple[list[T], int]:
+    """``work`` for every dataset; one dataset's database problem is one line on stderr, and the others are
+    still done (exit status 2 then); ``--debug`` stops at the first, with its traceback."""
+    done, status = [], 0
     for name, dataset in _datasets(config, args.dataset).items():
-        rows += coverage_rows(name, dataset, args.by_partition or args.json)
+        try:
+            done.append(work(name, dataset))
+        except StoreError as exc:
+            if args.debug:
+                raise
+            print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
+            status = 2
+    return done, status
+
+
+def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
+    tables, status = _each(config, args, lambda n, d: coverage_rows(n, d, args.by_partition or args.json))
+    rows = [row for table in tables for row in table]
     if args.json:
         print(json.dumps([coverage_json(r) for r in rows], indent=2))
-        return 0
-    print_table(COVERAGE_HEADERS, rows)
-    return 0
+    elif rows:
+        print_table(COVERAGE_HEADERS, rows)
+    return status
+
+
+def _status_of(name: str, dataset: DatasetConfig) -> dict:
+    rows = coverage_rows(name, dataset, by_partition=True)
+    with open_store(name, dataset) as store:
+        failures = store.ledger.failure_classes()
+    *parts, total = [coverage_json(r) for r in rows]
+    return {**total, "partition": None, "failures": failures, "partitions": parts}
 
 
 def cmd_status(config: BackfillConfig, args: argparse.Namespace) -> int:
     """For scripts and monitors: coverage by dataset and partition, rows by reason, failures by class."""
-    out = []
-    for name, dataset in _datasets(config, args.dataset).items():
-        rows = coverage_rows(name, dataset, by_partition=True)
-        with open_store(name, dataset) as store:
-            failures = store.ledger.failure_classes()
-        *parts, total = [coverage_json(r) for r in rows]
-        out.append({**total, "partition": None, "failures": failures, "partitions": parts})
+    out, status = _each(config, args, _status_of)
     print(json.dumps(out, indent=2))
-    return 0
+    return status
 
 
 def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -72,29 +96,34 @@ def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate_dataset(name: str, dataset: DatasetConfig) -> None:
+    with open_store(name, dataset) as store:
+        added = store.migrate()
+    print(f"{name}: {'added ' + ', '.join(added) if added else 'schema already up to date'}")
+
+
 def cmd_migrate(config: BackfillConfig, args: argparse.Namespace) -> int:
-    for name, dataset in _datasets(config, args.dataset).items():
-        with open_store(name, dataset) as store:
-            added = store.migrate()
-        print(f"{name}: {'added ' + ', '.join(added) if added else 'schema already up to date'}")
-    return 0
+    return _each(config, args, migrate_dataset)[1]
+
+
+def register_dataset(name: str, dataset: DatasetConfig) -> list[str]:
+    with open_store(name, dataset) as store:
+        keys = [k for k, _ in partition_activity(store.rows, dataset)]
+    if not is_dynamic(dataset):
+        kind = dataset.partitioning.kind
+        print(f"{name}: {len(keys)} {kind} partitions hold rows (defined by the config; nothing to register)")
+        return keys
+    added = register_partitions(cli_instance(), name, keys)
+    print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
+    return keys
 
 
 def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, list[str]]:
-    instance = cli_instance()
-    registered = {}
-    for name, dataset in _datasets(config, only).items():
-        with open_store(name, dataset) as store:
-            keys = [k for k, _ in partition_activity(store.rows, dataset)]
-        added = register_partitions(instance, name, keys)
-        registered[name] = keys
-        print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
-    return registered
+    return {name: register_dataset(name, dataset) for name, dataset in _datasets(config, only).items()}
 
 
 def cmd_register(config: BackfillConfig, args: argparse.Namespace) -> int:
-    register_all(config, args.dataset)
-    return 0
+    return _each(config, args, register_dataset)[1]
 
 
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -105,8 +134,8 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     for run_id in fail_dead_cli_runs(instance):
         print(f"run {run_id[:8]} was left unfinished by a process that is gone; marked failed")
     keys_of = {
-        name: list(args.partition or instance.get_dynamic_partitions(partitions_name(name)))
-        for name in _datasets(config, args.dataset)
+        name: partitions_to_run(instance, name, dataset, args.partition, args.partition_of)
+        for name, dataset in _datasets(config, args.dataset).items()
     }
     limits_of: dict[str, dict[str, int] | None] = {name: None for name in keys_of}
     if args.limit:  # the whole run does at most --limit rows of work: shared over partitions in order
@@ -121,7 +150,12 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     lines = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON document alone
     for name, keys in keys_of.items():
         if not keys:
-            print(f"{name}: no partitions registered; run `backfill-pipeline register` first", file=lines)
+            why = (
+                "no partitions registered; run `backfill-pipeline register` first"
+                if is_dynamic(config.datasets[name])
+                else "no partition holds rows"
+            )
+            print(f"{name}: {why}", file=lines)
             ok = False
             continue
         ok &= materialize_partitions(
@@ -144,17 +178,20 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Dry run: what needs work and what it would cost, without calling a provider or writing."""
-    plans = [
-        plan_dataset(name, dataset, force=args.force, keys=args.partition, limit=args.limit)
-        for name, dataset in _datasets(config, args.dataset).items()
-    ]
+    plans, status = _each(
+        config,
+        args,
+        lambda name, dataset: plan_dataset(
+            name, dataset, force=args.force, keys=named_partitions(name, dataset, args.partition), limit=args.limit
+        ),
+    )
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
-        return 0
+        return status
     for plan in plans:
         print("\n".join(plan.lines()))
     print("dry run: no provider was called and nothing was written")
-    return 0
+    return status
 
 
 def _confirmed(config: BackfillConfig, args: argparse.Namespace, keys: dict[str, list[str]]) -> bool:
@@ -314,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", action="append", help="only this partition key (repeatable)")
     p.add_argument("--limit", type=int, help="plan at most this many rows of work, partitions in order")
     p = add("materialize", cmd_materialize, "run the graph for registered partitions in this process")
-    p.add_argument("--partition", action="append", help="partition key (repeatable; default: all registered)")
+    p.add_argument(
+        "--partition",
+        action="append",
+        help="partition key, or an archive value as stored (repeatable; default: every partition holding rows)",
+    )
+    p.add_argument("--partition-of", action="append", metavar="ID", help="the partition holding this row id")
     p.add_argument("--force", action="store_true", help="redo every row")
     p.add_argument("--limit", type=int, help="at most this many rows of work in the whole run (partitions in order)")
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")

@@ -19,18 +19,18 @@ from .stores.base import utc_now
 from .text import embedding_input
 
 
-def enrichment_schema(dataset: DatasetConfig) -> pa.Schema:
-    fields = [pa.field("id", pa.int64())]
+def enrichment_schema(dataset: DatasetConfig, id_type: pa.DataType) -> pa.Schema:
+    fields = [pa.field("id", id_type)]
     fields += [pa.field(enrichment_col(f), pa.string()) for f in dataset.enrichment_columns]
     fields += [pa.field("content_hash", pa.string())]  # the text it was made from
     fields += [pa.field("error_class", pa.string()), pa.field("error", pa.string())]
     return pa.schema(fields)
 
 
-def embeddings_schema(dataset: DatasetConfig) -> pa.Schema:
+def embeddings_schema(dataset: DatasetConfig, id_type: pa.DataType) -> pa.Schema:
     return pa.schema(
         [
-            pa.field("id", pa.int64()),
+            pa.field("id", id_type),
             pa.field("embedding", pa.list_(pa.float32(), dataset.embedding.dimension)),
             pa.field("content_hash", pa.string()),
             pa.field("model", pa.string()),
@@ -38,6 +38,11 @@ def embeddings_schema(dataset: DatasetConfig) -> pa.Schema:
             pa.field("error", pa.string()),
         ]
     )
+
+
+def id_type_of(table: pa.Table) -> pa.DataType:
+    """The ids' type: int64 for integer keys, string for the text of others (UUIDs, text keys)."""
+    return table.schema.field("id").type
 
 
 def _errors(failures: list[RowFailure], rows: int) -> tuple[pa.Array, pa.Array]:
@@ -74,7 +79,7 @@ def enrichment_table(dataset: DatasetConfig, todo: pa.Table, outcome: EnrichOutc
     made = pa.array([r is not None for r in outcome.results])
     columns["content_hash"] = pc.if_else(made, todo.column("content_hash"), pa.scalar(None, pa.string()))
     columns["error_class"], columns["error"] = _errors(outcome.failures, todo.num_rows)
-    return _without_unsent(pa.table(columns, schema=enrichment_schema(dataset)), outcome.unsent)
+    return _without_unsent(pa.table(columns, schema=enrichment_schema(dataset, id_type_of(todo))), outcome.unsent)
 
 
 def embeddings_table(dataset: DatasetConfig, todo: pa.Table, outcome: EmbedOutcome) -> pa.Table:
@@ -90,7 +95,7 @@ def embeddings_table(dataset: DatasetConfig, todo: pa.Table, outcome: EmbedOutco
             "error_class": error_class,
             "error": error,
         },
-        schema=embeddings_schema(dataset),
+        schema=embeddings_schema(dataset, id_type_of(todo)),
     )
     return _without_unsent(table, outcome.unsent)
 
@@ -165,7 +170,7 @@ def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.T
     emb_take = pa.array([emb_pos.get(i) for i in ids], pa.int64())
     enr_take = pa.array([enr_pos.get(i) for i in ids], pa.int64())
     now = utc_now().isoformat()
-    columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.int64())}
+    columns: dict[str, pa.Array] = {"id": pa.array(ids, id_type_of(embeddings))}
     for column in ("embedding", "content_hash", "model"):
         columns[column] = pc.take(emb.column(column), emb_take)
     columns["embedded_at"] = pc.if_else(pc.is_valid(emb_take), pa.scalar(now), pa.scalar(None, pa.string()))

@@ -15,10 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DatasetConfig
-from .partitions import partition_activity, partition_spec
 from .providers import build_embedding_provider
 from .rows import text_col
-from .stores import Store
+from .stores import PartitionSpec, Store
 
 
 @dataclass(frozen=True, order=True)
@@ -57,22 +56,22 @@ def nearest(store: Store, dataset: DatasetConfig, query: np.ndarray, k: int) -> 
         previews = store.rows.texts([row_id for row_id, _ in ranked])
         return [Hit(sim, row_id, _join(previews.get(row_id, ()))) for row_id, sim in ranked]
     best: list[Hit] = []
-    for key, _ in partition_activity(store.rows, dataset):
-        for batch in store.rows.read_batches(partition_spec(key, dataset, store.rows), dataset.read_batch_size):
-            column = batch.column("embedding")
-            lengths = np.asarray(column.value_lengths().fill_null(0))
-            usable = np.flatnonzero(lengths == len(query))
-            if not len(usable):
-                continue
-            vectors = np.stack([np.asarray(column[int(i)].values, dtype=np.float32) for i in usable])
-            norms = np.linalg.norm(vectors, axis=1)
-            similarity = (vectors @ query) / np.where(norms == 0, 1.0, norms)
-            for i, sim in zip(usable, similarity, strict=True):
-                hit = Hit(float(sim), batch.column("id")[int(i)].as_py(), "")
-                if len(best) < k:
-                    heapq.heappush(best, Hit(hit.similarity, hit.row_id, _preview(batch, fields, int(i))))
-                elif hit.similarity > best[0].similarity:
-                    heapq.heapreplace(best, Hit(hit.similarity, hit.row_id, _preview(batch, fields, int(i))))
+    # one pass over every row: partitions such as hash buckets would each scan the table
+    for batch in store.rows.read_batches(PartitionSpec(key="all"), dataset.read_batch_size):
+        column = batch.column("embedding")
+        lengths = np.asarray(column.value_lengths().fill_null(0))
+        usable = np.flatnonzero(lengths == len(query))
+        if not len(usable):
+            continue
+        vectors = np.stack([np.asarray(column[int(i)].values, dtype=np.float32) for i in usable])
+        norms = np.linalg.norm(vectors, axis=1)
+        similarity = (vectors @ query) / np.where(norms == 0, 1.0, norms)
+        for i, sim in zip(usable, similarity, strict=True):
+            hit = Hit(float(sim), batch.column("id")[int(i)].as_py(), "")
+            if len(best) < k:
+                heapq.heappush(best, Hit(hit.similarity, hit.row_id, _preview(batch, fields, int(i))))
+            elif hit.similarity > best[0].similarity:
+                heapq.heapreplace(best, Hit(hit.similarity, hit.row_id, _preview(batch, fields, int(i))))
     return sorted(best, reverse=True)
 
 

@@ -33,6 +33,7 @@ from .results import (
     enrichment_schema,
     enrichment_table,
     hold_back_failed_enrichment,
+    id_type_of,
     merge_results,
     row_failures,
     stage_failures,
@@ -181,7 +182,8 @@ def enrich_rows(
         why = "enrichment disabled for this dataset" if not dataset.enrichment.enabled else "no row needs it"
         log.info(f"enrichment skipped: {why}")
         return StepResult(
-            enrichment_schema(dataset).empty_table(), {"rows_in": 0, "skipped": why, **usage_metadata(Usage())}
+            enrichment_schema(dataset, id_type_of(detected)).empty_table(),
+            {"rows_in": 0, "skipped": why, **usage_metadata(Usage())},
         )
     spec = dataset.enrichment
     texts = todo.column("text").to_pylist()
@@ -198,12 +200,20 @@ def enrich_rows(
         todo.column("id").to_pylist(),
     )
     if isinstance(called, str):
-        return _skipped(lease, called, log, enrichment_schema(dataset).empty_table(), **usage_metadata(Usage()))
+        return _skipped(
+            lease,
+            called,
+            log,
+            enrichment_schema(dataset, id_type_of(detected)).empty_table(),
+            **usage_metadata(Usage()),
+        )
     outcome, usage = called
     table = enrichment_table(dataset, todo, outcome)
     _record_failures(lease, "enrichment", table, log, _recorded(todo, outcome.failures))
     failed = len(outcome.failures)
-    stopped = _write_if_stopped(lease, dataset, detected, table, embeddings_schema(dataset).empty_table(), log)
+    stopped = _write_if_stopped(
+        lease, dataset, detected, table, embeddings_schema(dataset, id_type_of(detected)).empty_table(), log
+    )
     return StepResult(
         table,
         {
@@ -235,7 +245,7 @@ def embed_rows(
     if todo.num_rows == 0:
         log.info("embeddings skipped: no row needs one")
         return StepResult(
-            embeddings_schema(dataset).empty_table(),
+            embeddings_schema(dataset, id_type_of(detected)).empty_table(),
             {"rows_in": 0, "rows_held_back": held_back, **usage_metadata(Usage())},
         )
     spec = dataset.embedding
@@ -253,7 +263,13 @@ def embed_rows(
         todo.column("id").to_pylist(),
     )
     if isinstance(called, str):
-        return _skipped(lease, called, log, embeddings_schema(dataset).empty_table(), **usage_metadata(Usage()))
+        return _skipped(
+            lease,
+            called,
+            log,
+            embeddings_schema(dataset, id_type_of(detected)).empty_table(),
+            **usage_metadata(Usage()),
+        )
     outcome, usage = called
     table = embeddings_table(dataset, todo, outcome)
     _record_failures(lease, "embedding", table, log, _recorded(todo, outcome.failures))
@@ -316,6 +332,17 @@ def _record_failures(lease: Lease, stage: str, table: pa.Table, log: Log, record
         log.warning(f"could not record {len(failed)} {stage} failures yet ({exc}); the write step will")
 
 
+def remove_orphans(store: Store, dataset: DatasetConfig, key: str, log: Log) -> int:
+    """With a separate results table, delete the partition's results whose source row is gone or no longer
+    passes the row filter (``target.remove_orphans``)."""
+    if dataset.target.mode != "table" or not dataset.target.remove_orphans:
+        return 0
+    deleted = store.rows.delete_orphans(partition_spec(key, dataset, store.rows))
+    if deleted:
+        log.info(f"deleted {deleted} rows of {store.layout.target} whose source row is gone or filtered out")
+    return deleted
+
+
 def write_rows(
     store: Store,
     dataset: DatasetConfig,
@@ -340,6 +367,7 @@ def write_rows(
             log.warning(f"write failed for row id {failure.row_id}: {failure.message}")
         store.ledger.record_failures(_not_yet_recorded(store, failures) + rejected)
         store.ledger.clear_failures(sorted(set(succeeded) - {f.row_id for f in rejected}, key=str))
+        deleted = remove_orphans(store, dataset, lease.key, log)
     lease.release()
     counts = reason_counts(detected)
     by_stage = {stage: sum(1 for f in failures if f.stage == stage) for stage in ("enrichment", "embedding")}
@@ -359,6 +387,7 @@ def write_rows(
             "rows_enrichment_failed": by_stage["enrichment"],
             "rows_embedding_failed": by_stage["embedding"],
             "rows_write_rejected": len(stats.rejected),
+            "rows_deleted": deleted,
             "summary": summary,
             **timing(started, stats.rows_written),
         },

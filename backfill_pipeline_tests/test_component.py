@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def test_sensor_schedule_and_check_read_the_url_from_the_environment(
     defs = backfill_definitions(config)
     tick = sensor_tick(defs, "jobs_new_rows_sensor", instance)
     keys = ["0000000000-0000000099", "0000000100-0000000199"]
-    assert [r.partition_key for r in tick.run_requests] == keys and tick.cursor == "150"
+    assert [r.partition_key for r in tick.run_requests] == keys and json.loads(tick.cursor) == {"mode": "id", "id": 150}
     register(config, "jobs", instance)
 
     result = defs.resolve_job_def(job_name("jobs")).execute_in_process(partition_key=keys[1], instance=instance)
@@ -218,7 +219,7 @@ def test_dagster_sensor_preview_with_an_env_url(env_url_dataset, tmp_path: Path)
         args, cwd=REPO, env=subprocess_env(JOBS_DATABASE_URL=url, **env), capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
-    assert "2 new partitions, 2 partitions with new rows" in ok.stdout + ok.stderr
+    assert "2 new partitions, 2 runs requested" in ok.stdout + ok.stderr
     without_url = subprocess_env(**env)
     without_url.pop("JOBS_DATABASE_URL")
     unset = subprocess.run(args, cwd=REPO, env=without_url, capture_output=True, text=True)

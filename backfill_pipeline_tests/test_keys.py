@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from backfill_pipeline.config import parse_config
 from backfill_pipeline.lib import backfill_definitions, job_name
-from backfill_pipeline.stores import PartitionSpec, SchemaError, open_store
+from backfill_pipeline.stores import SchemaError, open_store
 
 from .graph_helpers import register
 
@@ -50,10 +51,15 @@ def test_a_repeated_id_fails_the_partition_before_any_provider_call(tmp_path: Pa
 def test_a_text_id_in_sqlite_is_named(tmp_path: Path) -> None:
     url = _sqlite(tmp_path, "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT)", [("abc123", "a")])
     config = _config(url)
-    with open_store("docs", config.datasets["docs"]) as store:
-        store.migrate()
-        with pytest.raises(SchemaError, match=r"id column docs.id holds 'abc123'; partitions by id range"):
-            store.rows.read_partition(PartitionSpec(key="all"))
+    with (
+        open_store("docs", config.datasets["docs"]) as store,
+        pytest.raises(SchemaError, match=r"id column docs.id has type TEXT; partitions by id range need an INTEGER"),
+    ):
+        store.migrate()  # refused before the table is altered
+    assert [r[1] for r in sqlite3.connect(tmp_path / "docs.sqlite").execute("PRAGMA table_info(docs)")] == [
+        "id",
+        "body",
+    ]
 
 
 def test_a_separate_target_without_a_unique_id_is_refused_on_sqlite(tmp_path: Path) -> None:
@@ -89,7 +95,8 @@ def test_postgres_keys_are_checked_with_the_schema(pg_db, case: str) -> None:
         extra["target"] = {"mode": "table", "table": "doc_vectors", "schema": schema, "id_column": "doc_id"}
     config = _config(url, **extra)
     with open_store("docs", config.datasets["docs"]) as store:
-        store.migrate()
+        if case != "numeric_id":  # migrate refuses a key the partitioning cannot use
+            store.migrate()
         expected = (
             r"id column .*docs.id has type numeric\(12,2\); partitions by id range need an integer column"
             if case == "numeric_id"
@@ -121,5 +128,46 @@ def test_a_uuid_key_is_one_line_from_register_not_a_cast_traceback(pg_db, tmp_pa
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: dataset 'docs': id column {schema}.docs.id has type uuid; partitions by id range need an integer "
-        "column (smallint, integer or bigint)"
+        "column (smallint, integer or bigint); for other keys use partitioning: {kind: hash, buckets: 16}"
     ]
+
+
+def test_one_datasets_uuid_key_leaves_the_other_dataset_working(pg_db, tmp_path: Path) -> None:
+    """``migrate`` refuses before altering the table, and ``coverage`` still reports the good dataset."""
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env, write_config
+
+    url, schema = pg_db
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".sessions (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), body text)')
+        conn.execute(f'CREATE TABLE "{schema}".docs (id bigint PRIMARY KEY, body text)')
+        conn.execute(f'INSERT INTO "{schema}".sessions (body) VALUES (%s)', ["a"])
+        conn.execute(f'INSERT INTO "{schema}".docs VALUES (1, %s), (2, %s)', ["a", "b"])
+    common = {"database_url": {"env": "DOCS_DATABASE_URL"}, "schema": schema, "text": {"columns": ["body"]}}
+    common |= {"embedding": {"dimension": 8}}
+    data = {"datasets": {"sessions": {**common, "table": "sessions"}, "docs": {**common, "table": "docs"}}}
+    env = subprocess_env(
+        BACKFILL_CONFIG=str(write_config(tmp_path, data)), DAGSTER_HOME=str(tmp_path), DOCS_DATABASE_URL=url
+    )
+    cli = str(Path(sys.executable).parent / "backfill-pipeline")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([cli, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    migrated = run("migrate")
+    assert migrated.returncode == 2
+    with psycopg.connect(url) as conn:
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = 'sessions'",
+            [schema],
+        ).fetchall()
+    assert sorted(c for (c,) in columns) == ["body", "id"]  # not altered
+    covered = run("coverage", "--json")
+    assert covered.returncode == 2
+    assert covered.stderr.splitlines() == [
+        f"error: dataset 'sessions': id column {schema}.sessions.id has type uuid; partitions by id range need an "
+        "integer column (smallint, integer or bigint); for other keys use partitioning: {kind: hash, buckets: 16}"
+    ]
+    assert [(r["dataset"], r["rows"]) for r in json.loads(covered.stdout) if r["partition"] == "(all)"] == [("docs", 2)]

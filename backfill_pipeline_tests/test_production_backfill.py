@@ -123,19 +123,19 @@ def production(tmp_path: Path, pg_server_url: str):
     drop_database(pg_server_url, data_db)
 
 
-def _project(production, tmp_path: Path, rows: int, **dataset: object) -> dict:
-    """A table of ``rows`` postings, a config reading its URL from the environment, migrated and registered
-    by the CLI: the environment for the webserver and the daemon."""
+def _project(production, tmp_path: Path, rows: int, uuid_keys: bool = False, **dataset: object) -> dict:
+    """A table of ``rows`` postings (keyed by bigint, or by UUID as Supabase tables are), a config reading
+    its URL from the environment, migrated and registered by the CLI: the environment for the webserver
+    and the daemon."""
     home, dagster_db, data_db = production
-    sql(
-        data_db,
-        "CREATE TABLE jobs_enriched (id bigint PRIMARY KEY, title text, company text, description text, "
-        "embedding jsonb)",
-    )
+    key = "id uuid PRIMARY KEY DEFAULT gen_random_uuid()" if uuid_keys else "id bigint PRIMARY KEY"
+    sql(data_db, f"CREATE TABLE jobs_enriched ({key}, title text, company text, description text, embedding jsonb)")
     with psycopg.connect(data_db) as conn:
         conn.cursor().executemany(
-            "INSERT INTO jobs_enriched (id, title, company, description) VALUES (%s,%s,%s,%s)",
-            [(i, *posting(i)) for i in range(1, rows + 1)],
+            "INSERT INTO jobs_enriched (title, company, description) VALUES (%s,%s,%s)"
+            if uuid_keys
+            else "INSERT INTO jobs_enriched (id, title, company, description) VALUES (%s,%s,%s,%s)",
+            [posting(i) if uuid_keys else (i, *posting(i)) for i in range(1, rows + 1)],
         )
     jobs = {
         "database_url": {"env": "JOBS_DATABASE_URL"},
@@ -160,11 +160,18 @@ def _project(production, tmp_path: Path, rows: int, **dataset: object) -> dict:
     return env
 
 
-def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys", ["bigint", "uuid"])
+def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: Path, keys: str) -> None:
+    """With bigint ids in id ranges, and as Supabase tables are: UUID ids in hash partitions."""
     _, dagster_db, data_db = production
-    env = _project(production, tmp_path, rows=120)
+    if keys == "uuid":
+        rows, partitions = 90, ["h0", "h1", "h2"]
+        env = _project(production, tmp_path, rows, uuid_keys=True, partitioning={"kind": "hash", "buckets": 3})
+    else:
+        rows, partitions = 120, ["0000000000-0000000049", "0000000050-0000000099", "0000000100-0000000149"]
+        env = _project(production, tmp_path, rows)
     with _services(env, tmp_path) as (port, logs):
-        result = _launch(port, ["0000000000-0000000049", "0000000050-0000000099", "0000000100-0000000149"])
+        result = _launch(port, partitions)
         status = _backfill_status(port, result["backfillId"])
         assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (logs / "daemon.out").read_text()[-3000:]
     counts = sql(
@@ -172,7 +179,7 @@ def test_partition_backfill_through_webserver_and_daemon(production, tmp_path: P
         "SELECT count(*) FILTER (WHERE jsonb_array_length(embedding) = 768 "
         "AND summary IS NOT NULL), count(*) FROM jobs_enriched",
     )[0]
-    assert counts == (120, 120)
+    assert counts == (rows, rows)
     runs = sql(dagster_db, "SELECT count(*) FROM runs WHERE status = 'SUCCESS'")[0][0]
     assert runs == 3  # one run per partition, recorded in Dagster's Postgres storage
 

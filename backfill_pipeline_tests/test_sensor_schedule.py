@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import datetime
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import dagster as dg
 
 from backfill_pipeline.config import load_config, parse_config
+from backfill_pipeline.coverage import partition_coverage
 from backfill_pipeline.lib import backfill_definitions
+from backfill_pipeline.partitions import partition_spec
 from backfill_pipeline.stores import open_store
 
 from .conftest import demo_config_dict
@@ -19,6 +22,10 @@ from .graph_helpers import register, run_partition, schedule_tick, sensor_tick
 def _apply(result, instance: dg.DagsterInstance) -> None:
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+
+
+def _needing_work(store, dataset, key: str) -> int:
+    return partition_coverage(store, dataset, partition_spec(key, dataset, store.rows)).needing_work
 
 
 def _add_rows(db: Path, ids: range) -> None:
@@ -38,9 +45,14 @@ def test_sensor_registers_partitions_and_requests_runs_once(demo_db: Path, demo_
 
     first = sensor_tick(defs, sensor, instance, None)
     keys = ["0000000000-0000000099", "0000000100-0000000199", "0000000200-0000000299", "0000000300-0000000399"]
-    assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [keys]
-    assert [r.partition_key for r in first.run_requests] == keys  # unregistered partitions are news
-    assert first.cursor == "300"
+    assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [keys]  # all holding rows
+    # the first tick runs every partition holding rows that need work, as a run's detection counts them
+    with open_store("jobs", config.datasets["jobs"]) as store:
+        store.migrate()
+        needing = [k for k in keys if _needing_work(store, config.datasets["jobs"], k)]
+    assert needing == keys[:3]  # row 300 alone is up to date
+    assert [r.partition_key for r in first.run_requests] == needing
+    assert json.loads(first.cursor) == {"mode": "id", "id": 300}
     _apply(first, instance)
 
     same = sensor_tick(defs, sensor, instance, first.cursor)
@@ -54,7 +66,7 @@ def test_sensor_registers_partitions_and_requests_runs_once(demo_db: Path, demo_
         ("0000000300-0000000399", "jobs:0000000300-0000000399@305"),
         ("0000000400-0000000499", "jobs:0000000400-0000000499@451"),
     ]
-    assert grown.cursor == "451"
+    assert json.loads(grown.cursor) == {"mode": "id", "id": 451}
     _apply(grown, instance)
     assert instance.get_dynamic_partitions("jobs_partitions") == [*keys, "0000000400-0000000499"]
 
@@ -136,4 +148,4 @@ def test_schedule_requests_partitions_needing_work_capped(demo_db: Path, tmp_pat
     for key in keys[:3]:
         run_partition(config, "jobs", key, instance)
     idle = schedule_tick(defs, "jobs_refresh_schedule", instance, datetime(2026, 1, 1, 6))
-    assert not idle.run_requests and "up to date" in idle.skip_message
+    assert not idle.run_requests and "no partition holds rows needing work" in idle.skip_message

@@ -99,6 +99,10 @@ class TargetSpec(_Model):
     table: Identifier | None = None
     schema_name: Identifier | None = Field(default=None, alias="schema")
     id_column: Identifier = "id"
+    remove_orphans: bool = Field(
+        default=True,
+        description="Delete results rows whose source row is gone or filtered out when their partition runs.",
+    )
 
     @model_validator(mode="after")
     def _table_when_separate(self) -> TargetSpec:
@@ -196,8 +200,62 @@ class EnrichmentSpec(ProviderSpec):
 
 
 class PartitioningSpec(_Model):
-    kind: Literal["id_range", "archive"] = "id_range"
+    """How a dataset's rows are cut into partitions (one run each).
+
+    ``id_range``: integer ids, ``width`` ids per partition. ``hash``: any key type (UUID, text), ``buckets``
+    partitions by a stable hash of the key's text. ``time``: Dagster's daily, weekly or monthly partitions
+    of a timestamp ``column`` from ``start``. ``archive``: one partition per value of ``archive_column``.
+    """
+
+    kind: Literal["id_range", "hash", "time", "archive"] = "id_range"
     width: int = Field(default=10_000, gt=0, le=10_000_000_000)
+    buckets: int = Field(default=16, ge=1, le=4096)
+    column: Identifier | None = None
+    granularity: Literal["day", "week", "month"] = "day"
+    start: str | None = Field(default=None, description="First time partition, as YYYY-MM-DD (time partitions).")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> PartitioningSpec:
+        given = self.model_fields_set
+        if self.kind == "time":
+            if not self.column or not self.start:
+                raise ValueError("kind 'time' needs 'column' (a timestamp column) and 'start' (YYYY-MM-DD)")
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.start):
+                raise ValueError(f"start {self.start!r} is not a date like 2024-01-31")
+        else:
+            extra = sorted(given & {"column", "granularity", "start"})
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to kind 'time'")
+        if "buckets" in given and self.kind != "hash":
+            raise ValueError("'buckets' only applies to kind 'hash'")
+        if "width" in given and self.kind != "id_range":
+            raise ValueError("'width' only applies to kind 'id_range'")
+        return self
+
+
+class ChangeTrackingSpec(_Model):
+    """How edited rows are found without reading the whole table.
+
+    ``updated_at_column``: the sensor's cursor is (updated_at, id); rows changed since are run. ``trigger``
+    (Postgres): ``migrate`` installs a trigger that queues the key of every inserted, deleted or edited row
+    (edits of the text columns, the archive column and ``watch_columns``) in ``backfill_queue``; the sensor
+    drains it.
+    """
+
+    updated_at_column: Identifier | None = None
+    trigger: bool = False
+    watch_columns: list[Identifier] = Field(
+        default_factory=list,
+        description="More columns whose edits queue a row (trigger only), e.g. those the row_filter reads.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ChangeTrackingSpec:
+        if self.updated_at_column and self.trigger:
+            raise ValueError("give either updated_at_column or trigger: true, not both")
+        if self.watch_columns and not self.trigger:
+            raise ValueError("watch_columns only applies with trigger: true")
+        return self
 
 
 class BookkeepingColumns(_Model):
@@ -286,6 +344,7 @@ class DatasetConfig(_Model):
     embedding: EmbeddingSpec
     enrichment: EnrichmentSpec = Field(default_factory=EnrichmentSpec)
     partitioning: PartitioningSpec = Field(default_factory=PartitioningSpec)
+    change_tracking: ChangeTrackingSpec = Field(default_factory=ChangeTrackingSpec)
     bookkeeping: BookkeepingColumns = Field(default_factory=BookkeepingColumns)
     unhashed_rows: Literal["trust", "redo"] = Field(
         default="trust",
@@ -336,6 +395,8 @@ class DatasetConfig(_Model):
     def _consistent(self) -> DatasetConfig:
         if self.partitioning.kind == "archive" and not self.archive_column:
             raise ValueError("partitioning.kind 'archive' needs 'archive_column'")
+        if self.change_tracking.trigger and self.store_kind != "postgres":
+            raise ValueError("change_tracking.trigger needs Postgres; on SQLite use updated_at_column")
         if self.embedding.include_enrichment and not self.enrichment.enabled:
             raise ValueError("embedding.include_enrichment needs enrichment.enabled: true")
         owned = self.result_columns

@@ -25,7 +25,7 @@ def job_name(dataset: str) -> str:
 
 def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
     """Everything one dataset needs, under its own names and resource keys."""
-    partitions_def = partitions_def_for(name)
+    partitions_def = partitions_def_for(name, dataset)
     assets = build_dataset_assets(name, dataset, partitions_def)
     job = dg.define_asset_job(
         job_name(name),
@@ -33,9 +33,7 @@ def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
         description=f"Backfill {dataset.table}: detect, enrich, embed and write one partition.",
     )
     sensors = [build_new_rows_sensor(name, dataset, job_name(name), partitions_def)] if dataset.sensor.enabled else []
-    schedules = (
-        [build_refresh_schedule(name, dataset, job_name(name), partitions_def)] if dataset.schedule.enabled else []
-    )
+    schedules = [build_refresh_schedule(name, dataset, job)] if dataset.schedule.enabled else []
     return dg.Definitions(
         assets=assets,
         asset_checks=[build_coverage_check(name, dataset, partitions_def)],

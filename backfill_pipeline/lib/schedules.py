@@ -1,47 +1,46 @@
 """The refresh schedule: every few hours, runs for the partitions that hold rows needing work.
 
-Written by hand because ``build_schedule_from_partitioned_job`` rejects dynamic partitions. Newest
-partitions are looked at first and the number of runs per tick is capped, so a large table is caught up
-over several ticks without flooding the run queue.
+Those partitions come from one aggregate query over the table (:func:`..partitions.pending_partitions`),
+not a read per partition, so a tick costs one statement however many partitions there are. Newest
+partitions come first and the runs per tick are capped, so a large table is caught up over several ticks
+without flooding the run queue. Time-partitioned datasets take the schedule of their partitioned job
+instead (``build_schedule_from_partitioned_job`` rejects dynamic partitions, so the others need this).
 """
 
-from collections.abc import Iterable
-
 import dagster as dg
+from dagster._core.definitions.partitions.partitioned_schedule import UnresolvedPartitionedAssetScheduleDefinition
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from ..config import DatasetConfig
-from ..coverage import partition_coverage
-from ..detection import Reason
-from ..partitions import partition_spec
-from ..stores import Store
+from ..partitions import pending_partitions
 from .resources import ResourceKeys
 
 
-def pending_partitions(store: Store, dataset: DatasetConfig, keys: Iterable[str], cap: int) -> list[tuple[str, int]]:
-    """``(key, rows pending)`` of at most ``cap`` partitions with rows needing work, in the order of ``keys``."""
-    found: list[tuple[str, int]] = []
-    for key in keys:
-        coverage = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
-        # rows cooling down after a failure, and rows whose text cannot be read, wait for someone, not a run
-        waiting = coverage.reasons[Reason.COOLING_DOWN.value] + coverage.reasons[Reason.UNDECODABLE_TEXT.value]
-        pending = coverage.needing_work - waiting
-        if pending > 0:
-            found.append((key, pending))
-            if len(found) >= cap:
-                break
-    return found
+def refresh_requests(name: str, pending: list[tuple[str, int]], cap: int, tick: str) -> list[dg.RunRequest]:
+    """At most ``cap`` runs, newest partitions first, each tagged with its rows pending."""
+    newest_first = sorted(pending, key=lambda item: item[0], reverse=True)[:cap]
+    return [
+        dg.RunRequest(partition_key=key, run_key=f"{name}:{key}@{tick}", tags={"rows_pending": str(rows)})
+        for key, rows in newest_first
+    ]
 
 
 def build_refresh_schedule(
-    name: str, dataset: DatasetConfig, job_name: str, partitions_def: dg.DynamicPartitionsDefinition
-) -> dg.ScheduleDefinition:
+    name: str, dataset: DatasetConfig, job: UnresolvedAssetJobDefinition
+) -> dg.ScheduleDefinition | UnresolvedPartitionedAssetScheduleDefinition:
+    if dataset.partitioning.kind == "time":
+        return dg.build_schedule_from_partitioned_job(
+            job,
+            name=f"{name}_refresh_schedule",
+            default_status=dg.DefaultScheduleStatus.STOPPED,
+            description=f"Runs the current {dataset.partitioning.granularity} partition of {dataset.table}.",
+        )
     spec = dataset.schedule
     keys = ResourceKeys.of(name)
-    partitions = partitions_def.name or ""
 
     @dg.schedule(
         name=f"{name}_refresh_schedule",
-        job_name=job_name,
+        job_name=job.name,
         cron_schedule=spec.cron,
         default_status=dg.DefaultScheduleStatus.STOPPED,
         required_resource_keys=keys.database_only(),
@@ -49,15 +48,11 @@ def build_refresh_schedule(
         f"{spec.max_runs_per_tick} per tick, newest first.",
     )
     def refresh_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
-        registered = context.instance.get_dynamic_partitions(partitions)
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
         with keys.resolve(context.resources).database.open(dataset) as store:
-            pending = pending_partitions(store, dataset, reversed(registered), spec.max_runs_per_tick)
+            pending = pending_partitions(store.rows, dataset)
         if not pending:
-            return dg.SkipReason(f"all {len(registered)} partitions are up to date")
-        return [
-            dg.RunRequest(partition_key=key, run_key=f"{name}:{key}@{tick}", tags={"rows_pending": str(rows)})
-            for key, rows in pending
-        ]
+            return dg.SkipReason("no partition holds rows needing work")
+        return refresh_requests(name, pending, spec.max_runs_per_tick, tick)
 
     return refresh_schedule

@@ -21,6 +21,7 @@ from .base import (
     StoreError,
     WriteStats,
 )
+from .groups import hash_bucket
 from .layout import TableLayout
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ def open_store(name: str, dataset: DatasetConfig, url: str | None = None) -> Sto
     )
 
 
+def hash_bucket_of(key_text: str | None, buckets: int) -> int | None:
+    """SQLite's ``backfill_hash_bucket``: the same bucket as Postgres's expression and Python's."""
+    return None if key_text is None else hash_bucket(str(key_text), buckets)
+
+
 def _open_sqlite(layout: TableLayout, url: str, lock_timeout: float) -> Store:
     from .sqlite_ledger import SQLiteLedger
     from .sqlite_rows import SQLiteRows, decode_text, immediate, sqlite_path
@@ -63,6 +69,7 @@ def _open_sqlite(layout: TableLayout, url: str, lock_timeout: float) -> Store:
         raise StoreError(f"dataset '{layout.dataset}': SQLite database {path} does not exist{where}{hint}")
     conn = sqlite3.connect(path, timeout=lock_timeout, isolation_level=None, check_same_thread=False)
     conn.text_factory = decode_text
+    conn.create_function("backfill_hash_bucket", 2, hash_bucket_of, deterministic=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
     try:

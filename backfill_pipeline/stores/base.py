@@ -11,14 +11,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from ..rows import raw_schema, vector_array
 from .layout import TableLayout
+
+if TYPE_CHECKING:
+    from .groups import Grouping, GroupQueries
 
 FAILURES_TABLE = "backfill_failures"
 LEASES_TABLE = "backfill_leases"
@@ -57,11 +60,17 @@ class MissingColumnsError(SchemaError):
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """What a partition key selects: an inclusive id range, or one archive value."""
+    """What a partition key selects: an inclusive id range, a hash bucket ``(bucket, buckets)``, one archive
+    value (or the rows without one), or the rows whose ``window_column`` falls on the UTC days
+    ``[start, end)``."""
 
     key: str
     id_range: tuple[int, int] | None = None
     archive: str | None = None
+    bucket: tuple[int, int] | None = None
+    null_archive: bool = False
+    window: tuple[date, date] | None = None
+    window_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,12 +148,32 @@ class RowStore(ABC):
         """Types of existing columns that cannot hold what the pipeline writes; nothing to check by default."""
 
     @abstractmethod
-    def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
-        """``(id // width, max id)`` for each id range holding rows (with id > ``after_id``), ascending."""
+    def check_keys(self) -> None:
+        """The id column fits the partitioning (integers for id ranges) and a time column is a timestamp."""
 
     @abstractmethod
-    def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
-        """``(archive value, max id)`` for each archive holding rows (with id > ``after_id``)."""
+    def integer_ids(self) -> bool:
+        """Whether the id column holds integers (else ids travel as their text: UUIDs, text keys)."""
+
+    @abstractmethod
+    def queries(self) -> GroupQueries:
+        """The table-wide aggregate queries, in this database's dialect."""
+
+    def id_type(self) -> pa.DataType:
+        return pa.int64() if self.integer_ids() else pa.string()
+
+    def queued_groups(self, grouping: Grouping, after: int) -> tuple[list[tuple], int]:
+        """``(group value, rows)`` of the rows queued by the change-capture trigger after entry ``after``,
+        and the last entry's number."""
+        raise StoreError(f"dataset '{self.layout.dataset}': change capture by trigger needs Postgres")
+
+    def acknowledge_queue(self, upto: int) -> int:
+        """Forget the queued entries up to ``upto``, once the sensor's cursor past them is stored."""
+        raise StoreError(f"dataset '{self.layout.dataset}': change capture by trigger needs Postgres")
+
+    @abstractmethod
+    def delete_orphans(self, part: PartitionSpec) -> int:
+        """Delete the separate results rows of ``part`` whose source row is gone or filtered out."""
 
     @abstractmethod
     def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -154,7 +183,7 @@ class RowStore(ABC):
         return pa.Table.from_batches(list(self.read_batches(part, batch_size)), schema=self.raw_schema())
 
     def raw_schema(self) -> pa.Schema:
-        return raw_schema(self.layout.text_fields, self.layout.enrichment_fields)
+        return raw_schema(self.layout.text_fields, self.layout.enrichment_fields, self.id_type())
 
     def nearest(self, query: np.ndarray, k: int) -> list[tuple[object, float]] | None:
         """(id, cosine similarity) of the ``k`` stored vectors nearest ``query``, ranked by the database;
@@ -334,6 +363,7 @@ class Store:
         return self.rows.missing_columns() + self.ledger.missing_tables()
 
     def check_schema(self) -> None:
+        self.rows.check_keys()
         missing = self.missing_columns()
         if missing:
             raise MissingColumnsError(self.layout.dataset, str(self.layout.source), missing)
@@ -341,6 +371,7 @@ class Store:
 
     def migrate(self) -> list[str]:
         """Add what :meth:`missing_columns` reports; return what was added."""
+        self.rows.check_keys()  # a key the partitioning cannot use is refused before anything is altered
         added = self.missing_columns()
         if added:
             with self._transaction():  # all of it or nothing

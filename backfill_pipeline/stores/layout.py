@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DatasetConfig
+from ..config import DatasetConfig, TextSpec
 from ..rows import enrichment_col
 
 
@@ -27,6 +27,8 @@ class TableLayout:
     source: TableRef
     id_column: str
     text_fields: tuple[str, ...]
+    required_text_fields: tuple[str, ...]
+    text: TextSpec  # how the text is made, for the hash computed in the database
     archive_column: str | None
     row_filter: str | None
     target: TableRef  # the source table itself when results are written in place
@@ -41,6 +43,9 @@ class TableLayout:
     enrichment_hash_column: str
     enrichment_model_column: str
     enrichment_columns: tuple[tuple[str, str], ...]  # (field, column), in field order
+    partition_kind: str = "id_range"
+    trigger_columns: tuple[str, ...] = ()  # change capture by trigger: edits of these queue a row
+    extra_source_columns: tuple[str, ...] = ()  # partition's time column, updated_at, watched columns
 
     @classmethod
     def from_config(cls, name: str, dataset: DatasetConfig) -> TableLayout:
@@ -53,6 +58,8 @@ class TableLayout:
             source=source,
             id_column=dataset.id_column,
             text_fields=tuple(dataset.text.fields),
+            required_text_fields=tuple(dataset.text.required_columns),
+            text=dataset.text,
             archive_column=dataset.archive_column,
             row_filter=dataset.row_filter,
             target=target if separate else source,
@@ -67,6 +74,26 @@ class TableLayout:
             enrichment_hash_column=books.enrichment_hash,
             enrichment_model_column=books.enrichment_model,
             enrichment_columns=tuple(dataset.enrichment_columns.items()),
+            partition_kind=dataset.partitioning.kind,
+            trigger_columns=tuple(
+                dict.fromkeys(
+                    [*dataset.text.fields, *([dataset.archive_column] if dataset.archive_column else [])]
+                    + list(dataset.change_tracking.watch_columns)
+                )
+            )
+            if dataset.change_tracking.trigger
+            else (),
+            extra_source_columns=tuple(
+                dict.fromkeys(
+                    c
+                    for c in (
+                        dataset.partitioning.column,
+                        dataset.change_tracking.updated_at_column,
+                        *dataset.change_tracking.watch_columns,
+                    )
+                    if c
+                )
+            ),
         )
 
     @property
@@ -92,7 +119,8 @@ class TableLayout:
 
     @property
     def needed_source_columns(self) -> list[str]:
-        return [self.id_column, *self.text_fields] + ([self.archive_column] if self.archive_column else [])
+        columns = [self.id_column, *self.text_fields] + ([self.archive_column] if self.archive_column else [])
+        return list(dict.fromkeys(columns + list(self.extra_source_columns)))
 
     @property
     def stored_columns(self) -> list[str]:

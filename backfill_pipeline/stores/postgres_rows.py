@@ -19,13 +19,16 @@ import pyarrow as pa
 from psycopg import sql
 
 from ..rows import parse_float_list
-from .base import PartitionSpec, RowStore, SchemaError, WriteStats
+from . import postgres_queue
+from .base import FAILURES_TABLE, PartitionSpec, RowStore, SchemaError, WriteStats
+from .groups import Grouping, GroupQueries, postgres_dialect
 from .layout import TableLayout, TableRef
 from .postgres_catalog import Catalog, ColumnType, Timeouts, identifier
 from .postgres_writes import write_results
 
 SKILLS_TYPES = ("jsonb", "json", "_text", "_varchar", "text", "varchar")
 INTEGER_TYPES = ("int2", "int4", "int8")
+TIME_TYPES = ("timestamptz", "timestamp", "date")
 
 
 def decode_vector(text: str | None) -> np.ndarray | None:
@@ -81,10 +84,11 @@ class PostgresRows(RowStore):
         absent = [c for c in lay.needed_source_columns if c not in source]
         if absent:
             raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {', '.join(absent)}")
+        queue = postgres_queue.missing(self) if lay.trigger_columns else []
         target = self.target_columns(refresh=True)
         if not target:
-            return [f"{lay.target.name} (table)"]
-        return [f"{lay.target.name}.{c}" for c in lay.result_columns if c not in target]
+            return [f"{lay.target.name} (table)", *queue]
+        return [f"{lay.target.name}.{c}" for c in lay.result_columns if c not in target] + queue
 
     def check_columns(self) -> None:
         lay = self.layout
@@ -100,7 +104,7 @@ class PostgresRows(RowStore):
                 f"{where} is {emb.formatted} but embedding.dimension is {lay.dimension}; set "
                 f"embedding.dimension to {emb.dimension} or change the column's type"
             )
-        self.check_integer_ids()
+        self.check_keys()
         if lay.separate and not self._unique(lay.target, lay.target_id_column):
             raise SchemaError(
                 f"dataset '{lay.dataset}': column {lay.target}.{lay.target_id_column} has no primary key or unique "
@@ -116,9 +120,7 @@ class PostgresRows(RowStore):
                     "skills need jsonb, json, text[] or text"
                 )
 
-    def check_integer_ids(self) -> None:
-        """Partitions are id ranges and cursors are ids: a UUID or text id is one clear error, before any
-        statement casts it (``cannot cast type uuid to bigint``)."""
+    def id_column_type(self) -> ColumnType:
         lay = self.layout
         columns = self.catalog.columns(lay.source)
         if not columns:
@@ -126,11 +128,58 @@ class PostgresRows(RowStore):
         id_type = columns.get(lay.id_column)
         if id_type is None:
             raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {lay.id_column}")
-        if id_type.typname not in INTEGER_TYPES:
+        return id_type
+
+    def integer_ids(self) -> bool:
+        return self.id_column_type().typname in INTEGER_TYPES
+
+    def check_keys(self) -> None:
+        """Partitions by id range need integer ids: a UUID or text id is one clear error, before any
+        statement casts it (``cannot cast type uuid to bigint``); time partitions need a timestamp."""
+        lay = self.layout
+        id_type = self.id_column_type()
+        if lay.partition_kind == "id_range" and id_type.typname not in INTEGER_TYPES:
             raise SchemaError(
                 f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} has type {id_type.formatted}; "
-                "partitions by id range need an integer column (smallint, integer or bigint)"
+                "partitions by id range need an integer column (smallint, integer or bigint); for other keys "
+                "use partitioning: {kind: hash, buckets: 16}"
             )
+        time_column = self._time_column()
+        if time_column is not None:
+            kind = self.catalog.columns(lay.source).get(time_column)
+            if kind is None or kind.typname not in TIME_TYPES:
+                found = "does not exist" if kind is None else f"has type {kind.formatted}"
+                raise SchemaError(
+                    f"dataset '{lay.dataset}': column {lay.source}.{time_column} {found}; time partitions need a "
+                    "timestamp, timestamptz or date column (partitioning.column)"
+                )
+
+    def _time_column(self) -> str | None:
+        extra = self.layout.extra_source_columns
+        return extra[0] if self.layout.partition_kind == "time" and extra else None
+
+    def queries(self) -> GroupQueries:
+        lay = self.layout
+        self.check_keys()
+        source = self.catalog.columns(lay.source)
+        time_column = self._time_column()
+        time_type = source.get(time_column) if time_column else None
+        vector = self.target_columns().get(lay.embedding_column)
+        failures = TableRef(FAILURES_TABLE, lay.target.schema)
+        return GroupQueries(
+            lay,
+            postgres_dialect(vector.typname if vector else None, time_type.typname if time_type else None),
+            lambda query, params: self.conn.execute(query, params).fetchall(),
+            self._source_filtered().as_string(self.conn),
+            self.dst.as_string(self.conn),
+            identifier(failures).as_string(self.conn) if self.catalog.exists(failures) else None,
+            self.integer_ids(),
+        )
+
+    def delete_orphans(self, part: PartitionSpec) -> int:
+        statement, params = self.queries().orphans_statement(part)
+        with self.conn.transaction():
+            return self.conn.execute(statement, params).rowcount
 
     def _unique(self, table: TableRef, column: str) -> bool:
         """Whether a unique index (or the primary key) covers exactly ``column`` of ``table``."""
@@ -175,14 +224,23 @@ class PostgresRows(RowStore):
                         self.dst, sql.Identifier(column), sql.SQL(self._result_column_type(column))
                     )
                 )
+        if lay.trigger_columns:
+            postgres_queue.install(self, list(lay.trigger_columns))
         self.catalog.forget()
+
+    def queued_groups(self, grouping: Grouping, after: int) -> tuple[list[tuple], int]:
+        return postgres_queue.queued_groups(self, grouping, after)
+
+    def acknowledge_queue(self, upto: int) -> int:
+        return postgres_queue.acknowledge(self, upto)
 
     # -- partitions ------------------------------------------------------------------------------
     def _source_filtered(self) -> sql.Composable:
         where: sql.Composable = sql.SQL("")
         if self.layout.row_filter:
             # Trusted SQL from the config file: the one place raw SQL enters a statement.
-            where = sql.SQL(" WHERE ({})").format(sql.SQL(self.layout.row_filter))
+            # Every statement reading it passes parameters, so a literal % (LIKE 'a%') is written %%.
+            where = sql.SQL(" WHERE ({})").format(sql.SQL(self.layout.row_filter.replace("%", "%%")))
         return sql.SQL("(SELECT * FROM {}{}) AS s").format(self.src, where)
 
     def nearest(self, query: np.ndarray, k: int) -> list[tuple[object, float]] | None:
@@ -199,49 +257,27 @@ class PostgresRows(RowStore):
             ).format(id=self.dst_id, e=column, t=self.dst),
             {"q": value, "k": k},
         ).fetchall()
-        return [(row_id, float(sim)) for row_id, sim in rows]
+        as_key = (lambda i: i) if self.integer_ids() else str
+        return [(as_key(row_id), float(sim)) for row_id, sim in rows]
 
     def texts(self, row_ids: Sequence[object]) -> dict[object, tuple[str, ...]]:
         fields = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(f)) for f in self.layout.text_fields)
         rows = self.conn.execute(
-            sql.SQL("SELECT {}, {} FROM {} WHERE {} = ANY(%s)").format(self.id, fields, self.src, self.id),
-            [list(row_ids)],
+            sql.SQL("SELECT {}, {} FROM {} WHERE {}{} = ANY(%s)").format(
+                self.id, fields, self.src, self.id, sql.SQL("" if self.integer_ids() else "::text")
+            ),
+            [list(row_ids) if self.integer_ids() else [str(i) for i in row_ids]],
         ).fetchall()
-        return {row[0]: tuple(row[1:]) for row in rows}
-
-    def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
-        self.check_integer_ids()
-        where = sql.SQL(" WHERE s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
-        query = sql.SQL(
-            "SELECT s.{id}::bigint / %s AS bucket, max(s.{id})::bigint FROM {src}{where} GROUP BY 1 ORDER BY 1"
-        ).format(id=self.id, src=self._source_filtered(), where=where)
-        params = [width] + ([after_id] if after_id is not None else [])
-        return [(int(b), int(m)) for b, m in self.conn.execute(query, params)]
-
-    def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
-        self.check_integer_ids()
-        archive = sql.Identifier(self.layout.archive_column or "")
-        where = sql.SQL(" AND s.{} > %s").format(self.id) if after_id is not None else sql.SQL("")
-        query = sql.SQL(
-            "SELECT s.{a}::text, max(s.{id})::bigint FROM {src} WHERE s.{a} IS NOT NULL{where} "
-            "GROUP BY s.{a} ORDER BY min(s.{id})"
-        ).format(a=archive, id=self.id, src=self._source_filtered(), where=where)
-        params = [after_id] if after_id is not None else []
-        return [(str(a), int(m)) for a, m in self.conn.execute(query, params)]
+        return {row[0] if self.integer_ids() else str(row[0]): tuple(row[1:]) for row in rows}
 
     # -- rows ------------------------------------------------------------------------------------
     def _where(self, part: PartitionSpec | None) -> tuple[sql.Composable, list]:
-        clauses: list[sql.Composable] = []
-        params: list = []
-        if part is not None and part.id_range is not None:
-            clauses.append(sql.SQL("s.{} BETWEEN %s AND %s").format(self.id))
-            params += list(part.id_range)
-        if part is not None and part.archive is not None:
-            clauses.append(sql.SQL("s.{}::text = %s").format(sql.Identifier(self.layout.archive_column or "")))
-            params.append(part.archive)
+        if part is None:
+            return sql.SQL(""), []
+        clauses, params = self.queries().partition_clause(part)
         if not clauses:
             return sql.SQL(""), params
-        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), params
+        return sql.SQL(" WHERE " + " AND ".join(clauses)), params
 
     def _as_text(self, alias: str, column: str) -> sql.Composable:
         kind = self.target_columns().get(column)
@@ -255,7 +291,8 @@ class PostgresRows(RowStore):
     def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
         lay = self.layout
         r = "r" if lay.separate else "s"
-        select: list[sql.Composable] = [sql.SQL("s.{}::bigint").format(self.id)]
+        integer_ids = self.integer_ids()
+        select: list[sql.Composable] = [sql.SQL("s.{}::bigint" if integer_ids else "s.{}::text").format(self.id)]
         select.append(
             sql.SQL("s.{}::text").format(sql.Identifier(lay.archive_column)) if lay.archive_column else sql.SQL("NULL")
         )
@@ -277,7 +314,7 @@ class PostgresRows(RowStore):
             cursor.execute(query, params)
             while rows := cursor.fetchmany(batch_size):
                 columns = list(zip(*rows, strict=True))
-                arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
+                arrays = [pa.array(columns[0], schema.field("id").type), pa.array(columns[1], pa.string())]
                 arrays += [pa.array(c, pa.string()) for c in columns[2:emb_at]]
                 vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
                 arrays.append(vectors)

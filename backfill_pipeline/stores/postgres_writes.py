@@ -83,24 +83,30 @@ def write_results(rows: PostgresRows, results: pa.Table, batch_size: int) -> Wri
         return stats
     names = list(mapping)
     adapters = [column_adapter(rows, name, mapping[name]) for name in names]
-    id_type = rows.target_columns()[lay.target_id_column].typname
+    key_type = rows.target_columns()[lay.target_id_column]
+    integer_ids = pa.types.is_integer(results.schema.field("id").type)
+    # Other keys (uuid, text, …) are staged as their text and cast to the key's type when applied.
+    id_type = key_type.typname if integer_ids else "text"
+    staged_id = sql.SQL("s.{}").format(rows.dst_id)
+    if not integer_ids:
+        staged_id = sql.SQL("s.{}::{}").format(rows.dst_id, sql.SQL(key_type.formatted))
     stage = sql.Identifier(f"backfill_stage_{lay.dataset}")
     cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
     create_stage = sql.SQL(
-        "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {}, {} FROM {} LIMIT 0"
-    ).format(stage, rows.dst_id, cols, rows.dst)
+        "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {}{} AS {}, {} FROM {} LIMIT 0"
+    ).format(stage, rows.dst_id, sql.SQL("" if integer_ids else "::text"), rows.dst_id, cols, rows.dst)
     if lay.separate:
         sets = sql.SQL(", ").join(
             sql.SQL("{c} = COALESCE(EXCLUDED.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names
         )
         apply = sql.SQL(
-            "INSERT INTO {dst} AS t ({id}, {cols}) SELECT {id}, {cols} FROM {stage} "
+            "INSERT INTO {dst} AS t ({id}, {cols}) SELECT {sid}, {cols} FROM {stage} AS s "
             "ON CONFLICT ({id}) DO UPDATE SET {sets}"
-        ).format(dst=rows.dst, id=rows.dst_id, cols=cols, stage=stage, sets=sets)
+        ).format(dst=rows.dst, id=rows.dst_id, sid=staged_id, cols=cols, stage=stage, sets=sets)
     else:
         sets = sql.SQL(", ").join(sql.SQL("{c} = COALESCE(s.{c}, t.{c})").format(c=sql.Identifier(n)) for n in names)
-        apply = sql.SQL("UPDATE {dst} AS t SET {sets} FROM {stage} AS s WHERE t.{id} = s.{id}").format(
-            dst=rows.dst, stage=stage, id=rows.dst_id, sets=sets
+        apply = sql.SQL("UPDATE {dst} AS t SET {sets} FROM {stage} AS s WHERE t.{id} = {sid}").format(
+            dst=rows.dst, stage=stage, id=rows.dst_id, sid=staged_id, sets=sets
         )
     copy_sql = sql.SQL("COPY {} ({}, {}) FROM STDIN (FORMAT BINARY)").format(stage, rows.dst_id, cols)
     types = [id_type] + [t for t, _ in adapters]

@@ -18,8 +18,19 @@ import numpy as np
 import pyarrow as pa
 
 from ..rows import parse_float_list
-from .base import PartitionSpec, RowStore, SchemaError, StoreError, WriteStats, encode_skills, write_splitting
+from .base import (
+    FAILURES_TABLE,
+    PartitionSpec,
+    RowStore,
+    SchemaError,
+    StoreError,
+    WriteStats,
+    encode_skills,
+    write_splitting,
+)
+from .groups import GroupQueries, sqlite_dialect
 from .layout import TableLayout
+from .sql_text import register_sqlite_functions
 
 
 def quote(identifier: str) -> str:
@@ -93,6 +104,7 @@ class SQLiteRows(RowStore):
         self.dst = quote(layout.target.name)
         self.dst_id = quote(layout.target_id_column)
         self.id = quote(layout.id_column)
+        register_sqlite_functions(conn, layout.text)
 
     # -- schema ----------------------------------------------------------------------------------
     def missing_columns(self) -> list[str]:
@@ -108,8 +120,44 @@ class SQLiteRows(RowStore):
             return [f"{lay.target} (table)"]
         return [f"{lay.target}.{c}" for c in lay.result_columns if c not in target_cols]
 
+    def integer_ids(self) -> bool:
+        """SQLite's own rule: a column whose declared type contains INT holds integers."""
+        return "INT" in table_columns(self.conn, self.layout.source.name).get(self.layout.id_column, "INT")
+
+    def queries(self) -> GroupQueries:
+        lay = self.layout
+        self.check_keys()
+        target = table_columns(self.conn, lay.target.name)
+        failures = FAILURES_TABLE if table_columns(self.conn, FAILURES_TABLE) else None
+        return GroupQueries(
+            lay,
+            sqlite_dialect(target.get(lay.embedding_column, "TEXT")),
+            lambda query, params: self.conn.execute(query, list(params)).fetchall(),
+            self._source_filtered(),
+            self.dst,
+            failures,
+            self.integer_ids(),
+        )
+
+    def delete_orphans(self, part: PartitionSpec) -> int:
+        statement, params = self.queries().orphans_statement(part)
+        with immediate(self.conn):
+            return self.conn.execute(statement, params).rowcount
+
+    def check_keys(self) -> None:
+        lay = self.layout
+        declared = table_columns(self.conn, lay.source.name).get(lay.id_column)
+        if declared is None:
+            raise SchemaError(f"dataset '{lay.dataset}': table {lay.source} has no column(s) {lay.id_column}")
+        if lay.partition_kind == "id_range" and declared and "INT" not in declared:
+            raise SchemaError(
+                f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} has type {declared}; partitions "
+                "by id range need an INTEGER column; for other keys use partitioning: {kind: hash, buckets: 16}"
+            )
+
     def check_columns(self) -> None:
         lay = self.layout
+        self.check_keys()
         if lay.separate and not self._unique(lay.target.name, lay.target_id_column):
             raise SchemaError(
                 f"dataset '{lay.dataset}': column {lay.target}.{lay.target_id_column} has no primary key or unique "
@@ -129,7 +177,8 @@ class SQLiteRows(RowStore):
         existing = table_columns(self.conn, lay.target.name)
         if not existing:
             cols = ", ".join(f"{quote(c)} TEXT" for c in lay.result_columns)
-            self.conn.execute(f"CREATE TABLE {self.dst} ({self.dst_id} INTEGER PRIMARY KEY, {cols})")
+            key_type = "INTEGER" if self.integer_ids() else "TEXT"
+            self.conn.execute(f"CREATE TABLE {self.dst} ({self.dst_id} {key_type} PRIMARY KEY, {cols})")
             return
         for column in lay.result_columns:
             if column not in existing:
@@ -140,34 +189,11 @@ class SQLiteRows(RowStore):
         where = f" WHERE ({self.layout.row_filter})" if self.layout.row_filter else ""
         return f"(SELECT * FROM {self.src}{where}) AS s"
 
-    def id_buckets(self, width: int, after_id: int | None = None) -> list[tuple[int, int]]:
-        where, params = (f"WHERE s.{self.id} > ?", [after_id]) if after_id is not None else ("", [])
-        sql = (
-            f"SELECT s.{self.id} / ? AS bucket, MAX(s.{self.id}) FROM {self._source_filtered()} "
-            f"{where} GROUP BY bucket ORDER BY bucket"
-        )
-        return [(int(b), int(m)) for b, m in self.conn.execute(sql, [width, *params])]
-
-    def archive_groups(self, after_id: int | None = None) -> list[tuple[str, int]]:
-        archive = quote(self.layout.archive_column or "")
-        where = f" AND s.{self.id} > ?" if after_id is not None else ""
-        sql = (
-            f"SELECT s.{archive}, MAX(s.{self.id}) FROM {self._source_filtered()} "
-            f"WHERE s.{archive} IS NOT NULL{where} GROUP BY s.{archive} ORDER BY MIN(s.{self.id})"
-        )
-        params = [after_id] if after_id is not None else []
-        return [(str(a), int(m)) for a, m in self.conn.execute(sql, params)]
-
     # -- rows ------------------------------------------------------------------------------------
     def _where(self, part: PartitionSpec | None) -> tuple[str, list]:
-        clauses: list[str] = []
-        params: list = []
-        if part is not None and part.id_range is not None:
-            clauses.append(f"s.{self.id} BETWEEN ? AND ?")
-            params += list(part.id_range)
-        if part is not None and part.archive is not None:
-            clauses.append(f"s.{quote(self.layout.archive_column or '')} = ?")
-            params.append(part.archive)
+        if part is None:
+            return "", []
+        clauses, params = self.queries().partition_clause(part)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -182,17 +208,22 @@ class SQLiteRows(RowStore):
         where, params = self._where(part)
         sql = f"SELECT {', '.join(select)} FROM {self._source_filtered()}{join}{where} ORDER BY s.{self.id}"
         schema = self.raw_schema()
+        integer_ids = pa.types.is_integer(schema.field("id").type)
         emb_at = 2 + len(lay.text_fields)
         cursor = self.conn.execute(sql, params)
         while rows := cursor.fetchmany(batch_size):
             columns = list(zip(*rows, strict=True))
-            odd = next((i for i in columns[0] if not isinstance(i, int)), None)
-            if odd is not None:
-                raise SchemaError(
-                    f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} holds {odd!r}; partitions by "
-                    "id range need integer ids"
-                )
-            arrays = [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string())]
+            if integer_ids:
+                odd = next((i for i in columns[0] if not isinstance(i, int)), None)
+                if odd is not None:
+                    raise SchemaError(
+                        f"dataset '{lay.dataset}': id column {lay.source}.{lay.id_column} holds {odd!r}; partitions "
+                        "by id range need integer ids; for other keys use partitioning: {kind: hash, buckets: 16}"
+                    )
+                ids = pa.array(columns[0], pa.int64())
+            else:
+                ids = pa.array([None if i is None else str(i) for i in columns[0]], pa.string())
+            arrays = [ids, pa.array([None if a is None else str(a) for a in columns[1]], pa.string())]
             arrays += [pa.array([None if v is None else str(v) for v in c], pa.string()) for c in columns[2:emb_at]]
             text_errors = [_text_error(lay.text_fields, values) for values in zip(*columns[2:emb_at], strict=True)]
             vectors, errors = self.vector_columns(columns[emb_at], decode_vector)
