@@ -180,3 +180,27 @@ def test_uuid_tables_backfill_and_follow_inserts_edits_and_deletes(chat_db: str,
         ("sessions", 100.0, 34),
         ("summaries", 100.0, 21),
     ]
+
+
+def test_uuid_tables_backfill_through_the_cli(chat_db: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path, _config())
+    (tmp_path / "home").mkdir()
+    env = subprocess_env(BACKFILL_CONFIG=str(path), DAGSTER_HOME=str(tmp_path / "home"), CHAT_DATABASE_URL=chat_db)
+    cli = str(Path(sys.executable).parent / "backfill-pipeline")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([cli, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    assert run("migrate").returncode == 0
+    planned = run("plan", "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert [(p["dataset"], p["reasons"]) for p in json.loads(planned.stdout)] == [
+        ("sessions", {"null_embedding": 33}),
+        ("summaries", {"null_embedding": 22}),
+    ]
+    done = run("materialize", "--parallel", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["partitions"] == {"ok": 2 * BUCKETS} and summary["rows_written"] == 55, summary
+    status = json.loads(run("status").stdout)
+    assert [(s["dataset"], s["coverage_percent"]) for s in status] == [("sessions", 100.0), ("summaries", 100.0)]

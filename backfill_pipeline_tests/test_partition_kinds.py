@@ -177,3 +177,36 @@ def test_archive_names_as_written_on_the_command_line(tmp_path: Path) -> None:
         "error: dataset 'docs': no partition 'gjeldende-lover.tar' among its 3 registered partitions; "
         "nearest: gjeldende-lover-tar-bz2"
     ]
+
+
+def test_rows_gone_from_the_source_leave_a_separate_results_table(tmp_path: Path, instance) -> None:
+    """Deleted rows, and rows the row filter now excludes (the clips seed's ``is_removed``), on SQLite."""
+    db = _text_keyed(tmp_path)
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE docs ADD COLUMN is_removed INTEGER NOT NULL DEFAULT 0")
+    conn.commit()
+    conn.close()
+    dataset = _dataset(
+        db,
+        row_filter="is_removed = 0",
+        partitioning={"kind": "hash", "buckets": 2},
+        target={"mode": "table", "table": "doc_vectors", "id_column": "doc_id"},
+    )
+    config = parse_config({"datasets": {"docs": dataset}})
+    with open_store("docs", config.datasets["docs"]) as store:
+        store.migrate()
+    for key in ("h0", "h1"):
+        run_partition(config, "docs", key, instance)
+    assert query(db, "SELECT count(*) FROM doc_vectors") == [(40,)]
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM docs WHERE id IN ('job001x', 'job002x')")
+    conn.execute("UPDATE docs SET is_removed = 1 WHERE id = 'job003x'")
+    conn.commit()
+    conn.close()
+    gone = {"job001x", "job002x", "job003x"}
+    deleted = {}
+    for key in ("h0", "h1"):
+        deleted[key] = metadata(run_partition(config, "docs", key, instance), "written_table")["rows_deleted"]
+    assert deleted == {hash_key(b, 2): sum(hash_bucket(i, 2) == b for i in gone) for b in (0, 1)}
+    assert query(db, "SELECT count(*) FROM doc_vectors") == [(37,)]
+    assert not query(db, "SELECT doc_id FROM doc_vectors WHERE doc_id IN ('job001x', 'job002x', 'job003x')")
