@@ -141,3 +141,19 @@ def server():
     srv = FakeProviderServer().start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def production(tmp_path: Path, pg_server_url: str):
+    """The README's production set-up: a DAGSTER_HOME with deploy/dagster.yaml (Dagster's storage in
+    Postgres), a database for that storage and one for the data: (home, dagster db URL, data db URL)."""
+    import shutil
+
+    dagster_db = create_database(pg_server_url)
+    data_db = create_database(pg_server_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    yield home, dagster_db, data_db
+    drop_database(pg_server_url, dagster_db)
+    drop_database(pg_server_url, data_db)

@@ -177,7 +177,9 @@ def test_sensor_schedule_and_check_read_the_url_from_the_environment(
     result = defs.resolve_job_def(job_name("jobs")).execute_in_process(partition_key=keys[1], instance=instance)
     assert metadata(result, "written_table")["rows_written"] == 51  # ids 100..150
     check = result.get_asset_check_evaluations()
-    assert [(c.check_name, c.passed) for c in check] == [("embedding_coverage", True)]
+    assert {c.check_name: c.passed for c in check} == dict.fromkeys(
+        ("embedding_coverage", "vectors_valid", "no_placeholders", "failure_rate"), True
+    )
 
     scheduled = schedule_tick(defs, "jobs_refresh_schedule", instance, datetime(2026, 1, 1, 6))
     assert [r.partition_key for r in scheduled.run_requests] == [keys[0]]  # the one still needing work

@@ -64,7 +64,8 @@ def test_partition_through_graph(demo_db: Path, demo_config_path: Path, instance
     assert detected["rows_in"] == 100 == written["rows_in"]
     assert detected["rows_null_embedding"] + detected["rows_placeholder_sequential"] > 0
     checks = result.get_asset_check_evaluations()
-    assert [c.passed for c in checks] == [True]
+    names = ("embedding_coverage", "vectors_valid", "no_placeholders", "failure_rate")
+    assert {c.check_name: c.passed for c in checks} == dict.fromkeys(names, True)
 
 
 def test_second_run_calls_no_provider_and_writes_nothing(
@@ -226,7 +227,7 @@ def test_two_datasets_in_one_config(tmp_path: Path, instance, monkeypatch) -> No
             store.migrate()
     defs = backfill_definitions(config)
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    assert {"sessions/raw_rows", "summaries/written_table"} <= keys and len(keys) == 10
+    assert {"sessions/raw_rows", "summaries/written_table", "summaries/backfill_summary"} <= keys and len(keys) == 12
     for name, expected in (("sessions", 33), ("summaries", 22)):
         key = register(config, name, instance)[0]
         assert metadata(run_partition(config, name, key, instance), "written_table")["rows_written"] == expected

@@ -275,6 +275,12 @@ class ScheduleSpec(_Model):
     max_runs_per_tick: int = Field(default=10, gt=0)
 
 
+class ChecksSpec(_Model):
+    max_failure_rate: float = Field(
+        default=0.01, ge=0, le=1, description="The failure_rate check warns above this share of rows with text."
+    )
+
+
 class SensorSpec(_Model):
     enabled: bool = True
     interval_seconds: int = Field(default=60, ge=5)
@@ -376,6 +382,7 @@ class DatasetConfig(_Model):
     rate_limiter: RateLimiterSpec = Field(default_factory=RateLimiterSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     sensor: SensorSpec = Field(default_factory=SensorSpec)
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
 
     @field_validator("database_url")
     @classmethod

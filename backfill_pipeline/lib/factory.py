@@ -12,11 +12,12 @@ import dagster as dg
 from ..config import BackfillConfig, DatasetConfig
 from ..partitions import partitions_def_for
 from .assets import IO_MANAGER_KEY, build_dataset_assets
-from .checks import build_coverage_check
+from .checks import build_written_table_checks
 from .io_managers import ParquetIOManager
 from .resources import dataset_resources
 from .schedules import build_refresh_schedule
 from .sensors import build_new_rows_sensor
+from .summary_asset import build_summary_asset
 
 
 def job_name(dataset: str) -> str:
@@ -35,8 +36,8 @@ def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
     sensors = [build_new_rows_sensor(name, dataset, job_name(name), partitions_def)] if dataset.sensor.enabled else []
     schedules = [build_refresh_schedule(name, dataset, job)] if dataset.schedule.enabled else []
     return dg.Definitions(
-        assets=assets,
-        asset_checks=[build_coverage_check(name, dataset, partitions_def)],
+        assets=[*assets, build_summary_asset(name, dataset)],  # the summary is not partitioned: not in the job
+        asset_checks=[build_written_table_checks(name, dataset, partitions_def)],
         jobs=[job],
         sensors=sensors,
         schedules=schedules,

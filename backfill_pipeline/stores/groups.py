@@ -192,7 +192,31 @@ class GroupQueries:
             [after_id] if after_id is not None else [],
         )
 
-    def _needs_work(self, test: WorkTest) -> tuple[str, list[object]]:
+    def _cooling(self, test: WorkTest) -> tuple[str, list[object]]:
+        """Rows that failed less than the cool-down ago and were not re-queued."""
+        p = self.d.param
+        condition = (
+            f"EXISTS (SELECT 1 FROM {self.failures} f WHERE f.dataset = {p} "
+            f"AND f.row_id = {self.d.id_text(f's.{self.id}')} AND f.requeued = {self.d.false} "
+            f"AND f.last_failed_at > {p})"
+        )
+        return condition, [self.layout.dataset, self.d.ago(test.cooldown_hours)]
+
+    def coverage(self, grouping: Grouping, test: WorkTest) -> Rows:
+        """``(group value, rows, rows with text, rows needing work, of those: cooling down)`` per group."""
+        needs, params = self._needs_work(test, exclude_cooling=False)
+        has_text, text_params = self.d.has_text(self.layout.text)
+        cooling, cooling_params = (
+            ("1 = 0", []) if not (self.failures and test.cooldown_hours > 0) else self._cooling(test)
+        )
+        return self.execute(
+            f"SELECT {self.group_expr(grouping)}, count(*), sum(CASE WHEN {has_text} THEN 1 ELSE 0 END), "
+            f"sum(CASE WHEN {needs} THEN 1 ELSE 0 END), sum(CASE WHEN ({needs}) AND {cooling} THEN 1 ELSE 0 END) "
+            f"FROM {self._joined()} GROUP BY 1 ORDER BY 1",
+            [*text_params, *params, *params, *cooling_params],
+        )
+
+    def _needs_work(self, test: WorkTest, exclude_cooling: bool = True) -> tuple[str, list[object]]:
         """Whether a row needs work, as detection would say. On Postgres, constant and sequential
         placeholders of the right length (and any vector in a text column) are left to a run's detection."""
         lay = self.layout
@@ -219,13 +243,10 @@ class GroupQueries:
         has_text, text_params = self.d.has_text(lay.text)
         condition = f"{has_text} AND ({' OR '.join(tests)})"
         params = text_params + params
-        if self.failures and test.cooldown_hours > 0:
-            condition += (
-                f" AND NOT EXISTS (SELECT 1 FROM {self.failures} f WHERE f.dataset = {p} "
-                f"AND f.row_id = {self.d.id_text(f's.{self.id}')} AND f.requeued = {self.d.false} "
-                f"AND f.last_failed_at > {p})"
-            )
-            params += [lay.dataset, self.d.ago(test.cooldown_hours)]
+        if exclude_cooling and self.failures and test.cooldown_hours > 0:
+            cooling, cooling_params = self._cooling(test)
+            condition += f" AND NOT {cooling}"
+            params += cooling_params
         return condition, params
 
     def _joined(self) -> str:
