@@ -11,75 +11,30 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from . import stopping
+from .cli_datasets import (
+    EXACT,
+    cmd_coverage,
+    cmd_migrate,
+    cmd_register,
+    cmd_status,
+    datasets_of,
+    each_dataset,
+    register_all,
+)
 from .cli_materialize import materialize_partitions
 from .cli_runs import cli_instance, fail_dead_cli_runs
-from .cli_tables import COVERAGE_HEADERS, coverage_json, coverage_rows, print_table
-from .config import BackfillConfig, ConfigError, DatasetConfig, demo_config_path, load_config
+from .cli_tables import COVERAGE_HEADERS, coverage_rows, print_table
+from .config import BackfillConfig, ConfigError, demo_config_path, load_config
 from .partition_args import named_partitions, partitions_to_run
-from .partitions import is_dynamic, partition_activity, register_partitions
+from .partitions import is_dynamic
 from .plan import plan_dataset
 from .redact import mask_secrets
 from .run_summary import RunSummary
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
-
-
-def _datasets(config: BackfillConfig, only: str | None) -> dict[str, DatasetConfig]:
-    if only is None:
-        return dict(config.datasets)
-    if only not in config.datasets:
-        raise ConfigError(f"no dataset named {only!r}; the config has {', '.join(config.datasets)}")
-    return {only: config.datasets[only]}
-
-
-T = TypeVar("T")
-
-
-def _each(
-    config: BackfillConfig, args: argparse.Namespace, work: Callable[[str, DatasetConfig], T]
-) -> tuple[list[T], int]:
-    """``work`` for every dataset; one dataset's database problem is one line on stderr, and the others are
-    still done (exit status 2 then); ``--debug`` stops at the first, with its traceback."""
-    done, status = [], 0
-    for name, dataset in _datasets(config, args.dataset).items():
-        try:
-            done.append(work(name, dataset))
-        except StoreError as exc:
-            if args.debug:
-                raise
-            print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
-            status = 2
-    return done, status
-
-
-def cmd_coverage(config: BackfillConfig, args: argparse.Namespace) -> int:
-    tables, status = _each(config, args, lambda n, d: coverage_rows(n, d, args.by_partition or args.json))
-    rows = [row for table in tables for row in table]
-    if args.json:
-        print(json.dumps([coverage_json(r) for r in rows], indent=2))
-    elif rows:
-        print_table(COVERAGE_HEADERS, rows)
-    return status
-
-
-def _status_of(name: str, dataset: DatasetConfig) -> dict:
-    rows = coverage_rows(name, dataset, by_partition=True)
-    with open_store(name, dataset) as store:
-        failures = store.ledger.failure_classes()
-    *parts, total = [coverage_json(r) for r in rows]
-    return {**total, "partition": None, "failures": failures, "partitions": parts}
-
-
-def cmd_status(config: BackfillConfig, args: argparse.Namespace) -> int:
-    """For scripts and monitors: coverage by dataset and partition, rows by reason, failures by class."""
-    out, status = _each(config, args, _status_of)
-    print(json.dumps(out, indent=2))
-    return status
 
 
 def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -96,36 +51,6 @@ def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def migrate_dataset(name: str, dataset: DatasetConfig) -> None:
-    with open_store(name, dataset) as store:
-        added = store.migrate()
-    print(f"{name}: {'added ' + ', '.join(added) if added else 'schema already up to date'}")
-
-
-def cmd_migrate(config: BackfillConfig, args: argparse.Namespace) -> int:
-    return _each(config, args, migrate_dataset)[1]
-
-
-def register_dataset(name: str, dataset: DatasetConfig) -> list[str]:
-    with open_store(name, dataset) as store:
-        keys = [k for k, _ in partition_activity(store.rows, dataset)]
-    if not is_dynamic(dataset):
-        kind = dataset.partitioning.kind
-        print(f"{name}: {len(keys)} {kind} partitions hold rows (defined by the config; nothing to register)")
-        return keys
-    added = register_partitions(cli_instance(), name, keys)
-    print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
-    return keys
-
-
-def register_all(config: BackfillConfig, only: str | None = None) -> dict[str, list[str]]:
-    return {name: register_dataset(name, dataset) for name, dataset in _datasets(config, only).items()}
-
-
-def cmd_register(config: BackfillConfig, args: argparse.Namespace) -> int:
-    return _each(config, args, register_dataset)[1]
-
-
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
     stopping.reset()
@@ -135,11 +60,11 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
         print(f"run {run_id[:8]} was left unfinished by a process that is gone; marked failed")
     keys_of = {
         name: partitions_to_run(instance, name, dataset, args.partition, args.partition_of)
-        for name, dataset in _datasets(config, args.dataset).items()
+        for name, dataset in datasets_of(config, args.dataset).items()
     }
     limits_of: dict[str, dict[str, int] | None] = {name: None for name in keys_of}
     if args.limit:  # the whole run does at most --limit rows of work: shared over partitions in order
-        for name, dataset in _datasets(config, args.dataset).items():
+        for name, dataset in datasets_of(config, args.dataset).items():
             plan = plan_dataset(name, dataset, force=args.force, keys=keys_of[name], limit=args.limit)
             limits_of[name] = {k: n for k, n in plan.work_by_partition.items() if n}
             keys_of[name] = list(limits_of[name] or {})
@@ -178,11 +103,16 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 def cmd_plan(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Dry run: what needs work and what it would cost, without calling a provider or writing."""
-    plans, status = _each(
+    plans, status = each_dataset(
         config,
         args,
         lambda name, dataset: plan_dataset(
-            name, dataset, force=args.force, keys=named_partitions(name, dataset, args.partition), limit=args.limit
+            name,
+            dataset,
+            force=args.force,
+            keys=named_partitions(name, dataset, args.partition),
+            limit=args.limit,
+            exact=args.exact,
         ),
     )
     if args.json:
@@ -198,7 +128,7 @@ def _confirmed(config: BackfillConfig, args: argparse.Namespace, keys: dict[str,
     """At a terminal, show the plan and ask before anything is paid for; scripts and CI are not asked."""
     if args.yes or not sys.stdin.isatty():
         return True
-    for name, dataset in _datasets(config, args.dataset).items():
+    for name, dataset in datasets_of(config, args.dataset).items():
         plan = plan_dataset(name, dataset, force=args.force, keys=keys[name], limit=args.limit)
         print("\n".join(plan.lines()))
     return input("Continue? (yes/no): ").strip().lower() in ("y", "yes")
@@ -208,7 +138,7 @@ def cmd_search(config: BackfillConfig, args: argparse.Namespace) -> int:
     """The rows nearest a query, by the dataset's own embedding model: do the vectors find what you mean?"""
     from .search import embed_query, nearest
 
-    name, dataset = next(iter(_datasets(config, args.dataset).items()))
+    name, dataset = next(iter(datasets_of(config, args.dataset).items()))
     env = dataset.embedding.resolved_api_key_env
     vector = embed_query(dataset, args.query, os.environ.get(env) if env else None)
     with open_store(name, dataset) as store:
@@ -225,7 +155,7 @@ def cmd_search(config: BackfillConfig, args: argparse.Namespace) -> int:
 def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
     """Recorded failures, newest first, a page at a time (``--limit``, ``--offset``), with the total."""
     pages: dict[str, dict] = {}
-    for name, dataset in _datasets(config, args.dataset).items():
+    for name, dataset in datasets_of(config, args.dataset).items():
         with open_store(name, dataset) as store:
             store.check_schema()
             found = store.ledger.failures(args.limit, args.offset)
@@ -252,7 +182,7 @@ def cmd_failures(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(config: BackfillConfig, args: argparse.Namespace) -> int:
-    for name, dataset in _datasets(config, args.dataset).items():
+    for name, dataset in datasets_of(config, args.dataset).items():
         with open_store(name, dataset) as store:
             n = store.ledger.requeue_failures(args.ids or None)
         print(f"{name}: {n} failed rows re-queued; the next run of their partition retries them")
@@ -343,13 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("coverage", cmd_coverage, "show coverage per dataset (and partition)")
     p.add_argument("--by-partition", action="store_true")
     p.add_argument("--json", action="store_true", help="as JSON, every partition and the totals")
-    add("status", cmd_status, "JSON for scripts: coverage by partition, rows by reason, failures by class")
+    p.add_argument("--exact", action="store_true", help=EXACT)
+    p = add("status", cmd_status, "JSON for scripts: coverage by partition, rows by reason, failures by class")
+    p.add_argument("--exact", action="store_true", help=EXACT)
     add("migrate", cmd_migrate, "add missing result columns, results table and failures table")
     p = add("plan", cmd_plan, "dry run: rows needing work by reason, tokens, requests, cost, minutes")
     p.add_argument("--force", action="store_true", help="plan a full re-embed")
     p.add_argument("--json", action="store_true", help="the plan as JSON, one object per dataset")
     p.add_argument("--partition", action="append", help="only this partition key (repeatable)")
     p.add_argument("--limit", type=int, help="plan at most this many rows of work, partitions in order")
+    p.add_argument("--exact", action="store_true", help=EXACT)
     p = add("materialize", cmd_materialize, "run the graph for registered partitions in this process")
     p.add_argument(
         "--partition",

@@ -7,6 +7,7 @@ from .coverage import Coverage, partition_coverage
 from .detection import Reason
 from .partitions import partition_activity, partition_spec
 from .stores import open_store
+from .table_scan import read_pending
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
@@ -23,13 +24,20 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
 COVERAGE_HEADERS = ["dataset", "partition", "rows", "with text", "covered", "coverage", "needing work"]
 
 
-def coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool) -> list[list[object]]:
+def coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool, exact: bool = False) -> list[list[object]]:
+    """Coverage per partition and in all: counted by the database, with only the rows needing work read
+    (``exact``: every row read and detected, as a run would)."""
     rows: list[list[object]] = []
     total = Coverage()
     with open_store(name, dataset) as store:
         store.check_schema()
-        for key, _ in partition_activity(store.rows, dataset):
-            cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
+        keys = [key for key, _ in partition_activity(store.rows, dataset)]
+        reading = None if exact else read_pending(store, dataset, keys)
+        for key in keys:
+            if reading is not None:
+                cov = reading.coverage(key)
+            else:
+                cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
             total.add(cov)
             if by_partition:
                 rows.append(coverage_row(name, key, cov))

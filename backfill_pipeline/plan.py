@@ -23,6 +23,7 @@ from .policy import build_policy
 from .providers import build_embedding_provider, build_enrichment_provider
 from .providers.base import EmbeddingProvider, EnrichmentProvider
 from .stores import Ledger, open_store
+from .table_scan import read_pending
 
 PLACEHOLDER_KEY = "plan-makes-no-call"  # providers are built to count and batch, never to send
 
@@ -177,9 +178,11 @@ def plan_dataset(
     force: bool = False,
     keys: list[str] | None = None,
     limit: int | None = None,
+    exact: bool = False,
 ) -> Plan:
-    """Detect every row of the dataset (or of ``keys``) as a run would, and add up what it would send;
-    ``limit`` caps the rows needing work over the whole plan, partitions in order."""
+    """Detect the rows of the dataset (or of ``keys``) as a run would, and add up what it would send;
+    ``limit`` caps the rows needing work over the whole plan, partitions in order. The database counts
+    the rows and only those needing work are read, unless ``exact`` (or ``force``) reads every row."""
     plan = Plan(name, dataset)
     emb_spec: EmbeddingSpec = dataset.embedding
     enr_spec: EnrichmentSpec = dataset.enrichment
@@ -193,13 +196,27 @@ def plan_dataset(
         emb_cache = _cache(dataset, emb_spec, store.ledger, ledger_ready)
         enr_cache = _cache(dataset, enr_spec, store.ledger, ledger_ready) if enricher else NullCache
         remaining = limit
-        for key in keys if keys is not None else [k for k, _ in partition_activity(store.rows, dataset)]:
+        all_keys = keys if keys is not None else [k for k, _ in partition_activity(store.rows, dataset)]
+        # counted by the database, with only the rows needing work read (unless told to read everything)
+        reading = None if force or exact or plan.missing or not ledger_ready else read_pending(store, dataset, all_keys)
+        for key in all_keys:
             if remaining is not None and remaining <= 0:
                 break
-            raw = store.rows.read_partition(partition_spec(key, dataset, store.rows), dataset.read_batch_size)
-            ids = raw.column("id").to_pylist()
-            cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours) if ledger_ready else set()
-            detected = detect(raw, dataset, force=force, cooling_ids=cooling)
+            if reading is not None:
+                detected = reading.detected_rows(key)
+                unread = reading.coverage(key).reasons
+                if detected is not None:
+                    unread.subtract(detected.column("reason").to_pylist())
+                plan.reasons.update(+unread)
+                if detected is None:
+                    plan.work_by_partition[key] = 0
+                    continue
+            else:
+                part = partition_spec(key, dataset, store.rows)
+                raw = store.rows.read_partition(part, dataset.read_batch_size)
+                ids = raw.column("id").to_pylist()
+                cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours) if ledger_ready else set()
+                detected = detect(raw, dataset, force=force, cooling_ids=cooling)
             if remaining is not None:
                 detected = apply_limit(detected, remaining)
             plan.reasons.update(detected.column("reason").to_pylist())

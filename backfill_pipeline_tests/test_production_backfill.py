@@ -145,24 +145,6 @@ def _project(production, tmp_path: Path, rows: int, uuid_keys: bool = False, **d
     return env
 
 
-def test_a_uuid_keyed_table_backfills_from_the_ui(production, tmp_path: Path) -> None:
-    """As Supabase tables are: UUID ids in hash partitions (bigint ids in id ranges: test_daemon_follows_changes)."""
-    _, dagster_db, data_db = production
-    env = _project(production, tmp_path, 90, uuid_keys=True, partitioning={"kind": "hash", "buckets": 3})
-    with _services(env, tmp_path) as (port, logs):
-        result = _launch(port, ["h0", "h1", "h2"])
-        status = _backfill_status(port, result["backfillId"])
-        assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (logs / "daemon.out").read_text()[-3000:]
-    counts = sql(
-        data_db,
-        "SELECT count(*) FILTER (WHERE jsonb_array_length(embedding) = 768 "
-        "AND summary IS NOT NULL), count(*) FROM jobs_enriched",
-    )[0]
-    assert counts == (90, 90)
-    runs = sql(dagster_db, "SELECT count(*) FROM runs WHERE status = 'SUCCESS'")[0][0]
-    assert runs == 3  # one run per partition, recorded in Dagster's Postgres storage
-
-
 def test_a_run_terminated_from_the_ui_writes_what_it_paid_for(production, tmp_path: Path) -> None:
     """The UI's Terminate on a run mid-enrichment: the requests in flight finish, the completed rows are
     written, the lease is released, the run ends canceled, not retried; the next backfill pays for nothing

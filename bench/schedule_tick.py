@@ -1,9 +1,10 @@
-"""Refresh-schedule tick benchmark: finding the partitions that need work, at 10, 100 and 1,000 partitions.
+"""Table-wide work: the refresh schedule's tick, `coverage` and `plan`, at 10, 100 and 1,000 partitions.
 
 The schedule's tick (and the sensor's first tick) ask one aggregate query grouped by partition
 (``partitions.pending_partitions``: missing, old-model, wrong-length and zero vectors, text whose hash
 changed, missing enrichment, failures cooling down), instead of reading and detecting every partition in
-Python. The baseline is that older way (``coverage.partition_coverage`` per partition), run in the same
+Python; ``coverage`` and ``plan`` count with one aggregate query and read only the rows needing work.
+The baseline is that older way (``coverage.partition_coverage`` per partition), run in the same
 process on the same table at the smallest partition count (it does not depend on the count).
 
 The table holds ``--rows`` rows with ~200-character texts and ``--dim``-dimension ``real[]`` vectors, all
@@ -26,9 +27,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backfill_pipeline.cli_tables import coverage_rows  # noqa: E402
 from backfill_pipeline.config import parse_config  # noqa: E402
 from backfill_pipeline.coverage import partition_coverage  # noqa: E402
 from backfill_pipeline.partitions import partition_activity, partition_spec, pending_partitions  # noqa: E402
+from backfill_pipeline.plan import plan_dataset  # noqa: E402
 from backfill_pipeline.stores import open_store  # noqa: E402
 
 MODEL = "offline-hash-v1"
@@ -111,9 +114,12 @@ def main() -> None:
                 found = pending_partitions(store.rows, config)
                 seconds = median_seconds(lambda: pending_partitions(store.rows, config))  # noqa: B023
                 keys = [k for k, _ in partition_activity(store.rows, config)]
+                covered = median_seconds(lambda: coverage_rows("docs", config, by_partition=True))  # noqa: B023
+                planned = median_seconds(lambda: plan_dataset("docs", config))  # noqa: B023
                 line = (
-                    f"{len(keys):>5} partitions: schedule tick {seconds:6.2f}s (median of 3), "
-                    f"{len(found)} partitions with {sum(n for _, n in found):,} rows needing work"
+                    f"{len(keys):>5} partitions: schedule tick {seconds:6.2f}s, coverage {covered:6.2f}s, "
+                    f"plan {planned:6.2f}s (medians of 3); {len(found)} partitions with "
+                    f"{sum(n for _, n in found):,} rows needing work"
                 )
                 if baseline is None and not args.no_baseline:
                     baseline = median_seconds(lambda: read_every_partition(store, config, keys), repeat=1)  # noqa: B023

@@ -21,7 +21,7 @@ from ..rows import raw_schema, vector_array
 from .layout import TableLayout
 
 if TYPE_CHECKING:
-    from .groups import Grouping, GroupQueries
+    from .groups import Grouping, GroupQueries, WorkTest
 
 FAILURES_TABLE = "backfill_failures"
 LEASES_TABLE = "backfill_leases"
@@ -176,11 +176,27 @@ class RowStore(ABC):
         """Delete the separate results rows of ``part`` whose source row is gone or filtered out."""
 
     @abstractmethod
-    def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
-        """Stream the partition's rows in the raw-rows layout, ``batch_size`` rows at a time."""
+    def read_batches(
+        self, part: PartitionSpec, batch_size: int, pending: WorkTest | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the partition's rows in the raw-rows layout, ``batch_size`` rows at a time; with
+        ``pending``, only the rows the database's test says need work (cooling down or not)."""
 
-    def read_partition(self, part: PartitionSpec, batch_size: int = 2_000) -> pa.Table:
-        return pa.Table.from_batches(list(self.read_batches(part, batch_size)), schema=self.raw_schema())
+    def read_partition(self, part: PartitionSpec, batch_size: int = 2_000, pending: WorkTest | None = None) -> pa.Table:
+        batches = list(self.read_batches(part, batch_size, pending))
+        return pa.Table.from_batches(batches, schema=self.raw_schema())
+
+    def where_clause(self, part: PartitionSpec | None, pending: WorkTest | None) -> tuple[str, list[object]]:
+        """The WHERE of a read: the partition's conditions and, with ``pending``, the needs-work test."""
+        clauses: list[str] = []
+        params: list[object] = []
+        if part is not None:
+            clauses, params = self.queries().partition_clause(part)
+        if pending is not None:
+            condition, more = self.queries().needs_work(pending, exclude_cooling=False)
+            clauses.append(f"({condition})")
+            params += more
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def raw_schema(self) -> pa.Schema:
         return raw_schema(self.layout.text_fields, self.layout.enrichment_fields, self.id_type())

@@ -96,9 +96,13 @@ def postgres_dialect(vector_typname: str | None, time_typname: str | None) -> Di
             return f"(vector_dims({column}) <> {n} OR l2_norm({column}) = 0)"
         if vector_typname in ("_float4", "_float8"):
             return f"(cardinality({column}) <> {n} OR 0 = ALL({column}) OR 'NaN' = ANY({column}))"
-        if vector_typname in ("jsonb", "json"):
-            kind = vector_typname
-            return f"(CASE WHEN {kind}_typeof({column}) = 'array' THEN {kind}_array_length({column}) END) <> {n}"
+        if vector_typname == "jsonb":  # jsonb compares numbers by value: [0.0, 0, …] equals the zero vector
+            zero = f"(SELECT jsonb_agg(0) FROM generate_series(1, {n}))"
+            length = f"CASE WHEN jsonb_typeof({column}) = 'array' THEN jsonb_array_length({column}) END"
+            return f"(coalesce(({length}) <> {n}, true) OR {column} = {zero})"  # JSON null, objects: unusable
+        if vector_typname == "json":
+            length = f"CASE WHEN json_typeof({column}) = 'array' THEN json_array_length({column}) END"
+            return f"coalesce(({length}) <> {n}, true)"
         return None  # JSON in a text column: only a run's detection reads it
 
     def utc_day(e: str) -> str:
@@ -146,6 +150,10 @@ class GroupQueries:
         self.failures = failures  # the failures table, once it exists
         self.integer_ids = integer_ids
         self.id = quote(layout.id_column)
+
+    def tests_vectors(self) -> bool:
+        """Whether the database can test the stored vectors (not JSON kept in a Postgres text column)."""
+        return self.d.vector_unusable("e", 1) is not None
 
     def group_expr(self, grouping: Grouping, alias: str = "s", id_column: str | None = None) -> str:
         ref = f"{alias}.{quote(id_column) if id_column else self.id}"
@@ -204,7 +212,7 @@ class GroupQueries:
 
     def coverage(self, grouping: Grouping, test: WorkTest) -> Rows:
         """``(group value, rows, rows with text, rows needing work, of those: cooling down)`` per group."""
-        needs, params = self._needs_work(test, exclude_cooling=False)
+        needs, params = self.needs_work(test, exclude_cooling=False)
         has_text, text_params = self.d.has_text(self.layout.text)
         cooling, cooling_params = (
             ("1 = 0", []) if not (self.failures and test.cooldown_hours > 0) else self._cooling(test)
@@ -216,7 +224,7 @@ class GroupQueries:
             [*text_params, *params, *params, *cooling_params],
         )
 
-    def _needs_work(self, test: WorkTest, exclude_cooling: bool = True) -> tuple[str, list[object]]:
+    def needs_work(self, test: WorkTest, exclude_cooling: bool = True) -> tuple[str, list[object]]:
         """Whether a row needs work, as detection would say. On Postgres, constant and sequential
         placeholders of the right length (and any vector in a text column) are left to a run's detection."""
         lay = self.layout
@@ -257,7 +265,7 @@ class GroupQueries:
 
     def pending(self, grouping: Grouping, test: WorkTest) -> Rows:
         """``(group value, rows needing work)`` of every group holding such rows, in one query."""
-        condition, params = self._needs_work(test)
+        condition, params = self.needs_work(test)
         return self.execute(
             f"SELECT {self.group_expr(grouping)}, count(*) FROM {self._joined()} WHERE {condition} "
             "GROUP BY 1 ORDER BY 1",

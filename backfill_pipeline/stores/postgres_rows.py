@@ -21,7 +21,7 @@ from psycopg import sql
 from ..rows import parse_float_list
 from . import postgres_queue
 from .base import FAILURES_TABLE, PartitionSpec, RowStore, SchemaError, WriteStats
-from .groups import Grouping, GroupQueries, postgres_dialect
+from .groups import Grouping, GroupQueries, WorkTest, postgres_dialect
 from .layout import TableLayout, TableRef
 from .postgres_catalog import Catalog, ColumnType, Timeouts, identifier
 from .postgres_writes import write_results
@@ -271,14 +271,6 @@ class PostgresRows(RowStore):
         return {row[0] if self.integer_ids() else str(row[0]): tuple(row[1:]) for row in rows}
 
     # -- rows ------------------------------------------------------------------------------------
-    def _where(self, part: PartitionSpec | None) -> tuple[sql.Composable, list]:
-        if part is None:
-            return sql.SQL(""), []
-        clauses, params = self.queries().partition_clause(part)
-        if not clauses:
-            return sql.SQL(""), params
-        return sql.SQL(" WHERE " + " AND ".join(clauses)), params
-
     def _as_text(self, alias: str, column: str) -> sql.Composable:
         kind = self.target_columns().get(column)
         if kind is None:  # not added yet (a plan before `migrate`): read as NULL, so every row needs work
@@ -288,7 +280,9 @@ class PostgresRows(RowStore):
             return sql.SQL("array_to_json({})::text").format(ref)
         return sql.SQL("{}::text").format(ref)
 
-    def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def read_batches(
+        self, part: PartitionSpec, batch_size: int, pending: WorkTest | None = None
+    ) -> Iterator[pa.RecordBatch]:
         lay = self.layout
         r = "r" if lay.separate else "s"
         integer_ids = self.integer_ids()
@@ -303,7 +297,8 @@ class PostgresRows(RowStore):
             if lay.separate and self.target_columns()
             else sql.SQL("")
         )
-        where, params = self._where(part)
+        clause, params = self.where_clause(part, pending)
+        where = sql.SQL(clause)
         query = sql.SQL("SELECT {} FROM {}{}{} ORDER BY s.{}").format(
             sql.SQL(", ").join(select), self._source_filtered(), join, where, self.id
         )

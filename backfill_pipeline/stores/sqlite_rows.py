@@ -28,7 +28,7 @@ from .base import (
     encode_skills,
     write_splitting,
 )
-from .groups import GroupQueries, sqlite_dialect
+from .groups import GroupQueries, WorkTest, sqlite_dialect
 from .layout import TableLayout
 from .sql_text import register_sqlite_functions
 
@@ -190,13 +190,9 @@ class SQLiteRows(RowStore):
         return f"(SELECT * FROM {self.src}{where}) AS s"
 
     # -- rows ------------------------------------------------------------------------------------
-    def _where(self, part: PartitionSpec | None) -> tuple[str, list]:
-        if part is None:
-            return "", []
-        clauses, params = self.queries().partition_clause(part)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-    def read_batches(self, part: PartitionSpec, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def read_batches(
+        self, part: PartitionSpec, batch_size: int, pending: WorkTest | None = None
+    ) -> Iterator[pa.RecordBatch]:
         lay = self.layout
         r = "r" if lay.separate else "s"
         select = [f"s.{self.id}", f"s.{quote(lay.archive_column)}" if lay.archive_column else "NULL"]
@@ -205,7 +201,7 @@ class SQLiteRows(RowStore):
         present = table_columns(self.conn, lay.target.name)
         select += [f"{r}.{quote(c)}" if c in present else "NULL" for c in lay.stored_columns]
         join = f" LEFT JOIN {self.dst} AS r ON r.{self.dst_id} = s.{self.id}" if lay.separate and present else ""
-        where, params = self._where(part)
+        where, params = self.where_clause(part, pending)
         sql = f"SELECT {', '.join(select)} FROM {self._source_filtered()}{join}{where} ORDER BY s.{self.id}"
         schema = self.raw_schema()
         integer_ids = pa.types.is_integer(schema.field("id").type)
