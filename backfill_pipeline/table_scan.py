@@ -88,8 +88,7 @@ def read_pending(store: Store, dataset: DatasetConfig, keys: list[str] | None = 
     if not queries.tests_vectors():
         return None
     reading = TableReading()
-    test = work_test(dataset)
-    for group, rows, with_text, _, _ in queries.coverage(grouping_of(dataset), test):
+    for group, rows, with_text in queries.text_counts(grouping_of(dataset)):
         key = key_of_group(group, dataset)
         if key is None or (keys is not None and key not in keys):
             continue

@@ -62,6 +62,7 @@ class Dialect:
     trimmed: Callable[[str], str]
     vector_unusable: Callable[[str, int], str | None]  # a stored vector of the wrong length, zero or NaN
     false: str
+    fence: str  # ends a subquery the planner must not flatten (so each row's tests are computed once)
     ago: Callable[[float], object]  # the failures table's time ``hours`` ago, as a parameter
     day_value: Callable[[date], object]
     text_hash: Callable[[TextSpec], tuple[str, list[object]]]  # the content hash of the row's text now
@@ -80,6 +81,7 @@ def sqlite_dialect(vector_type: str) -> Dialect:
         trimmed=lambda e: f"NULLIF(trim(CAST({e} AS TEXT)), '')",
         vector_unusable=vector_unusable,
         false="0",
+        fence="LIMIT -1 OFFSET 0",
         ago=lambda hours: (utc_now() - timedelta(hours=hours)).isoformat(),
         day_value=lambda day: day.isoformat(),
         text_hash=sql_text.sqlite_hash,
@@ -118,6 +120,7 @@ def postgres_dialect(vector_typname: str | None, time_typname: str | None) -> Di
         trimmed=lambda e: f"NULLIF(btrim(({e})::text), '')",
         vector_unusable=vector_unusable,
         false="false",
+        fence="OFFSET 0",
         ago=lambda hours: utc_now() - timedelta(hours=hours),
         day_value=lambda day: day,
         text_hash=sql_text.postgres_hash,
@@ -200,28 +203,47 @@ class GroupQueries:
             [after_id] if after_id is not None else [],
         )
 
-    def _cooling(self, test: WorkTest) -> tuple[str, list[object]]:
+    def _cooling(self, test: WorkTest, row_id: str | None = None) -> tuple[str, list[object]]:
         """Rows that failed less than the cool-down ago and were not re-queued."""
         p = self.d.param
         condition = (
             f"EXISTS (SELECT 1 FROM {self.failures} f WHERE f.dataset = {p} "
-            f"AND f.row_id = {self.d.id_text(f's.{self.id}')} AND f.requeued = {self.d.false} "
+            f"AND f.row_id = {self.d.id_text(row_id or f's.{self.id}')} AND f.requeued = {self.d.false} "
             f"AND f.last_failed_at > {p})"
         )
         return condition, [self.layout.dataset, self.d.ago(test.cooldown_hours)]
 
     def coverage(self, grouping: Grouping, test: WorkTest) -> Rows:
-        """``(group value, rows, rows with text, rows needing work, of those: cooling down)`` per group."""
+        """``(group value, rows, rows with text, rows needing work, of those: cooling down)`` per group.
+
+        Each row's tests are computed once, in a subquery the planner may not flatten (``OFFSET 0``), and
+        the failures table is looked at only for rows needing work."""
         needs, params = self.needs_work(test, exclude_cooling=False)
         has_text, text_params = self.d.has_text(self.layout.text)
         cooling, cooling_params = (
-            ("1 = 0", []) if not (self.failures and test.cooldown_hours > 0) else self._cooling(test)
+            ("1 = 0", [])
+            if not (self.failures and test.cooldown_hours > 0)
+            else (self._cooling(test, row_id="x.bf_id"))
+        )
+        per_row = (
+            f"SELECT {self.group_expr(grouping)} AS bf_group, s.{self.id} AS bf_id, "
+            f"CASE WHEN {has_text} THEN 1 ELSE 0 END AS bf_text, CASE WHEN {needs} THEN 1 ELSE 0 END AS bf_needs "
+            f"FROM {self._joined()} {self.d.fence}"
         )
         return self.execute(
-            f"SELECT {self.group_expr(grouping)}, count(*), sum(CASE WHEN {has_text} THEN 1 ELSE 0 END), "
-            f"sum(CASE WHEN {needs} THEN 1 ELSE 0 END), sum(CASE WHEN ({needs}) AND {cooling} THEN 1 ELSE 0 END) "
-            f"FROM {self._joined()} GROUP BY 1 ORDER BY 1",
-            [*text_params, *params, *params, *cooling_params],
+            f"SELECT x.bf_group, count(*), sum(x.bf_text), sum(x.bf_needs), "
+            f"sum(CASE WHEN x.bf_needs = 1 AND {cooling} THEN 1 ELSE 0 END) FROM ({per_row}) AS x "
+            "GROUP BY 1 ORDER BY 1",
+            [*cooling_params, *text_params, *params],  # in the order the placeholders appear
+        )
+
+    def text_counts(self, grouping: Grouping) -> Rows:
+        """``(group value, rows, rows with text)`` per group: no vector or hash is looked at."""
+        has_text, params = self.d.has_text(self.layout.text)
+        return self.execute(
+            f"SELECT {self.group_expr(grouping)}, count(*), sum(CASE WHEN {has_text} THEN 1 ELSE 0 END) "
+            f"FROM {self.source} GROUP BY 1 ORDER BY 1",
+            params,
         )
 
     def needs_work(self, test: WorkTest, exclude_cooling: bool = True) -> tuple[str, list[object]]:

@@ -305,6 +305,9 @@ class PostgresRows(RowStore):
         schema = self.raw_schema()
         emb_at = 2 + len(lay.text_fields)
         with self.conn.transaction(), self.conn.cursor(name=f"backfill_read_{lay.dataset}") as cursor:
+            # plan the cursor for the whole result, not its first rows: a filtered read (only the rows
+            # needing work) would otherwise walk the id index and test every row on the way
+            self.conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             cursor.itersize = batch_size
             cursor.execute(query, params)
             while rows := cursor.fetchmany(batch_size):
