@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
+import yaml
 
 from backfill_pipeline.config import ConfigError, demo_config_path, load_config, parse_config
 
@@ -126,3 +129,31 @@ def test_store_kind_comes_from_the_config_not_the_secret(monkeypatch: pytest.Mon
     assert kind() == "postgres"
     assert kind(database_kind="sqlite") == "sqlite"
     assert kind(database_url={"env": "SOME_DB_URL", "default": "sqlite:///x.db"}) == "sqlite"
+
+
+def test_relative_sqlite_paths_are_relative_to_the_config_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command, the UI and the daemon find the same database, whatever folder they start in."""
+    import subprocess
+    import sys
+
+    from backfill_pipeline.config import load_config
+    from backfill_pipeline.demo_data import create_demo_database
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    create_demo_database(project / "data" / "jobs.sqlite", rows=20, seed=1)
+    url = {"env": "UNSET_JOBS_URL", "default": "sqlite:///data/jobs.sqlite"}
+    dataset = {"database_url": url, "table": "job_postings", "text": {"columns": ["title"]}}
+    path = project / "backfill.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"jobs": {**dataset, "embedding": {"dimension": 768}}}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(path).datasets["jobs"]
+    assert loaded.database_url_value() == f"sqlite:///{project / 'data' / 'jobs.sqlite'}"
+    cli = str(Path(sys.executable).parent / "backfill-pipeline")
+    env = {**os.environ, "BACKFILL_CONFIG": str(path), "DAGSTER_HOME": str(tmp_path)}
+    for command in ("migrate", "coverage"):
+        done = subprocess.run([cli, command], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "jobs" in done.stdout and "(all)" in done.stdout

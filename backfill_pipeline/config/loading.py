@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -64,7 +65,35 @@ def load_config(path: Path | str | None = None) -> BackfillConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read backfill config {path}: {exc.strerror or exc}") from None
-    return parse_config(_yaml(text, str(path)), str(path))
+    config = parse_config(_yaml(text, str(path)), str(path))
+    if path.resolve() == demo_config_path().resolve():
+        return config  # the demo's folder is inside the installed package: its database stays in the working folder
+    return anchored(config, path.resolve().parent)
+
+
+def _anchored_url(url: str, folder: Path) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc:
+        return url
+    relative = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not relative or Path(relative).is_absolute():
+        return url
+    return f"sqlite:///{folder / relative}"
+
+
+def anchored(config: BackfillConfig, folder: Path) -> BackfillConfig:
+    """Relative ``sqlite:///`` paths written in a config file are relative to that file's folder, so every
+    command, the UI and the daemon find the same database wherever they start (an environment variable's
+    value is the process's own, relative to its working folder)."""
+    datasets = {}
+    for name, dataset in config.datasets.items():
+        url = dataset.database_url
+        if isinstance(url, str):
+            url = _anchored_url(url, folder)
+        elif url.default:
+            url = url.model_copy(update={"default": _anchored_url(url.default, folder)})
+        datasets[name] = dataset.model_copy(update={"database_url": url})
+    return config.model_copy(update={"datasets": datasets})
 
 
 def _yaml(text: str, source: str) -> object:
