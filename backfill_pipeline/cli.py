@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Errors end in one line that says what is wrong (and exit 2); ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
+    # Dagster's SQLite storage stamps each new run's event log with alembic, which logs at INFO: not news
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         demo = args.fn in (cmd_demo, cmd_create_demo_db)
         config = load_config(args.config or (demo_config_path() if demo else None))
