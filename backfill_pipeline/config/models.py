@@ -452,5 +452,44 @@ class DatasetConfig(_Model):
         return "sqlite" if url and urlsplit(url).scheme == "sqlite" else "postgres"
 
 
+LOCAL_EXECUTORS = ("in_process", "multiprocess")
+OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
+class ExecutionSpec(_Model):
+    """Where a run's steps execute and where they leave their intermediates for each other.
+
+    ``executor``: ``in_process`` (default: a partition's steps form a chain, so one process is fastest),
+    ``multiprocess``, or the one a deployment names as ``module:attribute``, e.g.
+    ``dagster_celery:celery_executor``, ``dagster_k8s:k8s_job_executor``, ``dagster_docker:docker_executor``.
+    ``intermediates``: an fsspec URL every step reaches (``s3://bucket/prefix``, ``gs://…``, ``az://…``,
+    ``file:///shared/disk``); by default the Dagster instance's local storage directory.
+    """
+
+    executor: str = Field(default="in_process", pattern=r"^(in_process|multiprocess|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+    intermediates: str | EnvRef | None = None
+
+    @property
+    def intermediates_url(self) -> str | None:
+        """The URL itself (not a secret: read when the code location loads)."""
+        if isinstance(self.intermediates, EnvRef):
+            return os.environ.get(self.intermediates.env) or self.intermediates.default
+        return self.intermediates
+
+    @model_validator(mode="after")
+    def _reachable_by_every_step(self) -> ExecutionSpec:
+        if self.executor in LOCAL_EXECUTORS:
+            return self
+        url = self.intermediates_url
+        if not url or urlsplit(url).scheme not in OBJECT_STORES:
+            raise ValueError(
+                f"executor {self.executor!r} runs steps on other machines, which exchange intermediates only "
+                f"through storage all of them reach; set execution.intermediates to an object store URL "
+                f"(s3://bucket/prefix, gs://…, az://…), not {url or 'the local default'!r}"
+            )
+        return self
+
+
 class BackfillConfig(_Model):
     datasets: dict[DatasetName, DatasetConfig] = Field(min_length=1)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)

@@ -55,12 +55,19 @@ class EmbeddingBackfill(dg.Component, dg.Resolvable, dg.Model):
     datasets: dict[str, Any] | None = Field(
         default=None, description="Datasets by name, each as in a config file's `datasets:` mapping."
     )
+    execution: dict[str, Any] | None = Field(
+        default=None,
+        description="With inline datasets: the executor and the intermediates URL, as a config file's `execution:`.",
+    )
 
     def backfill_config(self, component_dir: Path | None = None) -> BackfillConfig:
         if self.datasets is not None and self.config_file:
             raise ConfigError("EmbeddingBackfill: give either config_file or datasets, not both")
         if self.datasets is not None:
-            return parse_config({"datasets": self.datasets}, "(EmbeddingBackfill attributes)")
+            document = {"datasets": self.datasets, **({"execution": self.execution} if self.execution else {})}
+            return parse_config(document, "(EmbeddingBackfill attributes)")
+        if self.execution is not None:
+            raise ConfigError("EmbeddingBackfill: with config_file, write execution: in that file")
         if not self.config_file or not self.config_file.strip():
             raise ConfigError(
                 "EmbeddingBackfill: config_file is empty: "

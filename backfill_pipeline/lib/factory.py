@@ -7,9 +7,12 @@ executor) is defined once, in :func:`backfill_definitions`.
 
 from __future__ import annotations
 
+import importlib
+
 import dagster as dg
 
-from ..config import BackfillConfig, DatasetConfig
+from ..config import BackfillConfig, ConfigError, DatasetConfig
+from ..config.models import ExecutionSpec
 from ..partitions import partitions_def_for
 from .assets import IO_MANAGER_KEY, build_dataset_assets
 from .checks import build_written_table_checks
@@ -45,17 +48,35 @@ def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
     )
 
 
-def shared_definitions() -> dg.Definitions:
+def executor_of(name: str) -> dg.ExecutorDefinition:
+    """The executor the config names: Dagster's own two, or ``module:attribute`` of a deployment's."""
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        return dg.multiprocess_executor
+    module, attribute = name.split(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"execution.executor {name!r} cannot be loaded ({exc}); is its package installed?") from None
+    if not isinstance(found, dg.ExecutorDefinition):
+        raise ConfigError(f"execution.executor {name!r} is a {type(found).__name__}, not a Dagster executor")
+    return found
+
+
+def shared_definitions(execution: ExecutionSpec | None = None) -> dg.Definitions:
     """What every dataset shares, defined once: two datasets may not bind one key to two resources."""
+    execution = execution or ExecutionSpec()
     return dg.Definitions(
-        resources={IO_MANAGER_KEY: ParquetIOManager()},
-        # A partition's steps form a chain, so a process per step would only add start-up time; runs of
-        # different partitions still execute in parallel, each in its own process.
-        executor=dg.in_process_executor,
+        resources={IO_MANAGER_KEY: ParquetIOManager(base_dir=execution.intermediates_url)},
+        # In-process by default: a partition's steps form a chain, so a process per step would only add
+        # start-up time; runs of different partitions still execute in parallel, each in its own process.
+        executor=executor_of(execution.executor),
     )
 
 
 def backfill_definitions(config: BackfillConfig) -> dg.Definitions:
     return dg.Definitions.merge(
-        shared_definitions(), *(dataset_definitions(name, ds) for name, ds in config.datasets.items())
+        shared_definitions(config.execution),
+        *(dataset_definitions(name, ds) for name, ds in config.datasets.items()),
     )

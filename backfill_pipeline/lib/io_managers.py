@@ -45,7 +45,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             pq.write_table(obj, handle, compression="zstd")
         tmp.rename(path)  # readers never see half a file
         self._prune(folder, keep=path)
-        context.add_output_metadata({PATH_METADATA_KEY: str(path), "parquet_rows": obj.num_rows})
+        relative = "/".join([*context.asset_key.path, partition or "__unpartitioned__", path.name])
+        context.add_output_metadata({PATH_METADATA_KEY: relative, "parquet_rows": obj.num_rows})
 
     def _prune(self, folder: UPath, keep: UPath) -> None:
         """Drop other runs' files older than the retention period (recent ones may still be in use)."""
@@ -62,24 +63,44 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         partition = context.asset_partition_key if context.has_asset_partitions else None
         instance = context.instance
         upstream_run = context.upstream_output.run_id if context.upstream_output else None
+        looked: list[str] = []
         if upstream_run:
             path = self._dir(instance, asset_key, partition) / f"{upstream_run}.parquet"
-            if path.exists():
-                return _read(path)
+            table = _read_if_there(path)
+            if table is not None:
+                return table
+            looked.append(str(path))
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None), limit=1
         ).records
         materialization = records[0].asset_materialization if records else None
         recorded = materialization.metadata.get(PATH_METADATA_KEY) if materialization else None
-        if recorded is not None and UPath(str(recorded.value)).exists():
-            return _read(UPath(str(recorded.value)))
+        if recorded is not None:
+            path = self._recorded(instance, str(recorded.value))
+            table = _read_if_there(path)
+            if table is not None:
+                return table
+            looked.append(str(path))
+        where = f" (looked for {' and '.join(dict.fromkeys(looked))})" if looked else ""
         raise dg.Failure(
-            description=f"no stored result of {asset_key.to_user_string()} for partition {partition}: "
-            "materialize it (or the whole graph for this partition) first",
+            description=f"no stored result of {asset_key.to_user_string()} for partition {partition}{where}: "
+            "materialize it (or the whole graph for this partition) first; steps on other machines must share "
+            "execution.intermediates",
             allow_retries=False,
         )
 
+    def _recorded(self, instance: dg.DagsterInstance, recorded: str) -> UPath:
+        """A recorded path: relative to the root (where it may live on any machine), or absolute (older)."""
+        if "://" in recorded or recorded.startswith("/"):
+            return UPath(recorded)
+        return self._root(instance).joinpath(*recorded.split("/"))
 
-def _read(path: UPath) -> pa.Table:
-    with path.open("rb") as handle:
-        return pq.read_table(handle)
+
+def _read_if_there(path: UPath) -> pa.Table | None:
+    """The table, or None when the file is not there (asked by reading: an object store client's cached
+    listing may still show a file that is gone)."""
+    try:
+        with path.open("rb") as handle:
+            return pq.read_table(handle)
+    except FileNotFoundError:
+        return None
