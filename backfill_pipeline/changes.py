@@ -56,9 +56,11 @@ def sensor_tick(name: str, dataset: DatasetConfig, store: Store, cursor_text: st
     mode = change_mode(dataset, rows.integer_ids())
     cursor = read_cursor(cursor_text)
     if cursor is None or cursor.get("mode") != mode:
-        tick = _first_tick(name, dataset, store, mode)
-        holding_rows = [k for k, _ in partition_activity(rows, dataset)] if is_dynamic(dataset) else []
-        tick.new_keys = [k for k in holding_rows if k not in registered]
+        # every partition holding rows, read once: registered (dynamic) and the id cursor's start
+        activity = partition_activity(rows, dataset) if is_dynamic(dataset) or mode == "id" else []
+        tick = _first_tick(name, dataset, store, mode, activity)
+        if is_dynamic(dataset):
+            tick.new_keys = [k for k, _ in activity if k not in registered]
     elif mode == "queue":
         tick = _queue_tick(name, dataset, store, int(cursor["seq"]))
     elif mode == "updated_at":
@@ -73,7 +75,7 @@ def sensor_tick(name: str, dataset: DatasetConfig, store: Store, cursor_text: st
     return tick
 
 
-def _first_tick(name: str, dataset: DatasetConfig, store: Store, mode: str) -> Tick:
+def _first_tick(name: str, dataset: DatasetConfig, store: Store, mode: str, activity: list[tuple[str, int]]) -> Tick:
     pending = pending_partitions(store.rows, dataset)
     runs = [(key, f"{name}:{key}@first-{count}") for key, count in pending]
     cursor: dict = {"mode": mode}
@@ -87,7 +89,6 @@ def _first_tick(name: str, dataset: DatasetConfig, store: Store, mode: str) -> T
         _, newest = store.rows.queries().changed(grouping_of(dataset), column, None)
         cursor.update(_newest(newest))
     elif mode == "id":
-        activity = partition_activity(store.rows, dataset)
         cursor["id"] = max((m for _, m in activity), default=None)
     return Tick(runs, cursor=json.dumps(cursor), note=f"first tick: {len(pending)} partitions hold rows needing work")
 

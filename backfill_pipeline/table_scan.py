@@ -38,9 +38,6 @@ class TableReading:
     counts: dict[str, list[int]] = field(default_factory=dict)  # key -> [rows, rows with text]
     detected: dict[str, list[pa.Table]] = field(default_factory=lambda: defaultdict(list))
 
-    def keys(self) -> list[str]:
-        return list(self.counts)
-
     def detected_rows(self, key: str) -> pa.Table | None:
         tables = self.detected.get(key)
         return pa.concat_tables(tables) if tables else None

@@ -190,10 +190,11 @@ class RowStore(ABC):
         """The WHERE of a read: the partition's conditions and, with ``pending``, the needs-work test."""
         clauses: list[str] = []
         params: list[object] = []
+        queries = self.queries()
         if part is not None:
-            clauses, params = self.queries().partition_clause(part)
+            clauses, params = queries.partition_clause(part)
         if pending is not None:
-            condition, more = self.queries().needs_work(pending, exclude_cooling=False)
+            condition, more = queries.needs_work(pending, exclude_cooling=False)
             clauses.append(f"({condition})")
             params += more
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params

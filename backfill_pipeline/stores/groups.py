@@ -59,7 +59,6 @@ class Dialect:
     id_text: Callable[[str], str]
     hash_bucket: Callable[[str, int], str]
     utc_day: Callable[[str], str]
-    trimmed: Callable[[str], str]
     vector_unusable: Callable[[str, int], str | None]  # a stored vector of the wrong length, zero or NaN
     false: str
     fence: str  # ends a subquery the planner must not flatten (so each row's tests are computed once)
@@ -78,7 +77,6 @@ def sqlite_dialect(vector_type: str) -> Dialect:
         id_text=lambda e: f"CAST({e} AS TEXT)",
         hash_bucket=lambda e, n: f"backfill_hash_bucket(CAST({e} AS TEXT), {int(n)})",
         utc_day=lambda e: f"date({e})",
-        trimmed=lambda e: f"NULLIF(trim(CAST({e} AS TEXT)), '')",
         vector_unusable=vector_unusable,
         false="0",
         fence="LIMIT -1 OFFSET 0",
@@ -117,7 +115,6 @@ def postgres_dialect(vector_typname: str | None, time_typname: str | None) -> Di
             f"mod(('x' || substr(md5(({e})::text), 1, {HASH_HEX_DIGITS}))::bit(32)::bigint, {int(n)})"
         ),
         utc_day=utc_day,
-        trimmed=lambda e: f"NULLIF(btrim(({e})::text), '')",
         vector_unusable=vector_unusable,
         false="false",
         fence="OFFSET 0",

@@ -27,7 +27,6 @@ class TableLayout:
     source: TableRef
     id_column: str
     text_fields: tuple[str, ...]
-    required_text_fields: tuple[str, ...]
     text: TextSpec  # how the text is made, for the hash computed in the database
     archive_column: str | None
     row_filter: str | None
@@ -58,7 +57,6 @@ class TableLayout:
             source=source,
             id_column=dataset.id_column,
             text_fields=tuple(dataset.text.fields),
-            required_text_fields=tuple(dataset.text.required_columns),
             text=dataset.text,
             archive_column=dataset.archive_column,
             row_filter=dataset.row_filter,
