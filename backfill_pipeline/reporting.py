@@ -30,7 +30,8 @@ def timing(started: float, rows: int) -> dict[str, float]:
 def cost(usage: Usage, spec: ProviderSpec | None) -> float:
     if spec is None:
         return 0.0
-    return usage.cost(spec.price_per_million_input_tokens, spec.price_per_million_output_tokens)
+    factor = spec.price_factor  # batch answers cost a share of the configured (realtime) prices
+    return usage.cost(spec.price_per_million_input_tokens * factor, spec.price_per_million_output_tokens * factor)
 
 
 def usage_metadata(usage: Usage, spec: ProviderSpec | None = None, prefix: str = "provider") -> dict[str, float]:

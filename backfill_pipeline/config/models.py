@@ -126,8 +126,38 @@ class ProviderRetrySpec(_Model):
     max_attempts: int = Field(default=5, ge=1, le=20)
 
 
+class BatchSpec(_Model):
+    """How ``mode: batch`` submits and waits: the providers' batch APIs answer within 24 hours at a discount."""
+
+    wait_minutes: float = Field(
+        default=1440.0,
+        ge=0,
+        description="How long a run waits for its batches; then it writes what is done and ends, and the next "
+        "run of the partition polls the same batches (none is submitted twice).",
+    )
+    poll_seconds: float = Field(default=30.0, gt=0, description="How often a waiting run asks for its batches' state.")
+    price_factor: float = Field(
+        default=0.5, gt=0, le=1, description="Batch price as a share of the configured (realtime) prices."
+    )
+    max_requests: int = Field(
+        default=50_000, gt=0, le=50_000, description="Requests per batch (the providers allow 50,000)."
+    )
+    max_inputs: int = Field(
+        default=50_000, gt=0, le=50_000, description="Embedding inputs per batch (OpenAI allows 50,000)."
+    )
+    max_megabytes: float = Field(
+        default=190.0, gt=0, le=200, description="Size of one batch's request file (OpenAI allows 200 MB)."
+    )
+
+
 class ProviderSpec(_Model):
     provider: Literal["offline", "local", "openai", "gemini"] = "offline"
+    mode: Literal["realtime", "batch"] = Field(
+        default="realtime",
+        description="batch: the provider's batch API (OpenAI /v1/batches, Gemini batch mode) at its discount, "
+        "answered within 24 hours; realtime: requests at the rate limit.",
+    )
+    batch: BatchSpec = Field(default_factory=BatchSpec)
     model: str = Field(min_length=1)
     api_key_env: str | None = Field(
         default=None,
@@ -141,6 +171,17 @@ class ProviderSpec(_Model):
     timeout_seconds: float = Field(default=60.0, gt=0)
     price_per_million_input_tokens: float = Field(default=0.0, ge=0)
     price_per_million_output_tokens: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_needs_api(self) -> ProviderSpec:
+        if self.mode == "batch" and self.provider not in ("openai", "gemini"):
+            raise ValueError(f"mode: batch needs provider openai or gemini (a batch API), not {self.provider!r}")
+        return self
+
+    @property
+    def price_factor(self) -> float:
+        """What the configured prices are multiplied by for this mode."""
+        return self.batch.price_factor if self.mode == "batch" else 1.0
 
     @field_validator("base_url")
     @classmethod

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -22,6 +23,9 @@ from ..providers.base import EmbeddingProvider, EnrichmentProvider, ProviderErro
 from ..ratelimit import LocalBudget, RateLimiter, RateLimitSpec
 from ..redact import mask_secrets
 from ..stopping import StopRequested
+
+if TYPE_CHECKING:
+    from .batch_stage import BatchJournal
 
 ProgressFn = Callable[[int, int], None]
 
@@ -54,6 +58,7 @@ class CallPolicy:
     record_failures: Callable[[list[RowFailure]], Awaitable[None]] | None = None
     claim_seconds: float = 30.0  # a claim on a text being paid for lapses this long after its last renewal
     claim_poll_seconds: float = 0.25  # how often a run waiting for another run's answer looks for it
+    batches: BatchJournal | None = None  # mode: batch: the partition's batch records (see .batch_stage)
 
 
 def error_class(exc: BaseException) -> str:

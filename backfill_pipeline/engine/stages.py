@@ -87,7 +87,7 @@ class StageResult:
     unsent: list[int]  # rows left without a result or a failure by a graceful stop: for the next run
 
 
-def _unique(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
+def group_identical(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i in wanted:
         groups.setdefault(keys[i], []).append(i)
@@ -106,6 +106,12 @@ async def run_stage(
 ) -> StageResult:
     """Run ``stage`` over ``texts``; return the failed rows and those a stop left unsent (the results are
     kept by the stage)."""
+    if policy.batches is not None:  # mode: batch
+        from .batch_stage import run_batch_stage
+
+        return await run_batch_stage(
+            stage, texts, batch_size=batch_size, policy=policy, progress=progress, progress_every=progress_every
+        )
     provider = stage.provider
     n = len(texts)
     failures: list[RowFailure] = []
@@ -120,7 +126,7 @@ async def run_stage(
     hits = sum(done)
     provider.usage.cache_hits += hits
     tracker.add(hits)
-    groups = _unique(keys, [i for i in range(n) if not done[i]])
+    groups = group_identical(keys, [i for i in range(n) if not done[i]])
     leaders = [members[0] for members in groups.values()]  # identical texts are paid for once
     in_flight = max_in_flight or policy.max_in_flight
     gate = asyncio.Semaphore(in_flight)

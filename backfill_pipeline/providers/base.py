@@ -17,6 +17,7 @@ from ..redact import mask_secrets
 
 if TYPE_CHECKING:
     from ..ratelimit import RateSignals
+    from .batch_api import BatchAPI
 
 SENIORITY_LEVELS = ("intern", "junior", "mid", "senior", "lead", "executive")
 Seniority = Literal["intern", "junior", "mid", "senior", "lead", "executive"]
@@ -125,6 +126,10 @@ class _Provider:
     async def preflight(self) -> str | None:  # noqa: B027 - optional hook
         """Check key, model and dimension, with a free call where the server has one, before the first paid
         one; return a note for the log when it checked less (or otherwise) than that."""
+
+    def batch_api(self) -> BatchAPI:
+        """The provider's batch API, for ``mode: batch`` (the config refuses it for providers without one)."""
+        raise NotImplementedError(f"provider {self.name} has no batch mode")
 
 
 class EmbeddingProvider(_Provider, ABC):

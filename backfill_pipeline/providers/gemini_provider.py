@@ -19,6 +19,7 @@ from google.genai import errors, types
 from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
 from ..ratelimit import parse_reset
 from .base import EmbeddingProvider, EnrichmentProvider, ProviderError, enrichment_json_schema
+from .batch_api import BatchAPI
 from .openai_provider import SYSTEM_PROMPT
 
 MAX_INPUTS = 100
@@ -114,6 +115,11 @@ class GeminiEmbeddingProvider(EmbeddingProvider):
         self.usage.input_tokens += sum(_truncate(texts)[1])
         return np.asarray([e.values for e in embeddings], dtype=np.float32)
 
+    def batch_api(self) -> BatchAPI:
+        from .gemini_batch import GeminiBatches
+
+        return GeminiBatches(self, embeddings=True)
+
     async def aclose(self) -> None:
         await self.client.aio.aclose()
 
@@ -144,6 +150,11 @@ class GeminiEnrichmentProvider(EnrichmentProvider):
 
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:
         return [await self._one(text) for text in texts]
+
+    def batch_api(self) -> BatchAPI:
+        from .gemini_batch import GeminiBatches
+
+        return GeminiBatches(self, embeddings=False)
 
     async def _one(self, text: str) -> dict | Exception:
         try:

@@ -17,11 +17,14 @@ from functools import lru_cache
 
 import numpy as np
 import openai
-from openai import AsyncOpenAI, omit
+from openai import AsyncOpenAI
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
 
 from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
 from ..ratelimit import RateSignals, parse_reset
 from .base import EmbeddingProvider, EnrichmentProvider, ProviderError, enrichment_json_schema
+from .batch_api import BatchAPI
 
 MAX_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
@@ -215,17 +218,16 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         try:
-            raw = await self.client.embeddings.with_raw_response.create(
-                model=self.model,
-                input=texts,
-                encoding_format="base64",
-                dimensions=self.dimension if self._send_dimensions else omit,
-            )
+            raw = await self.client.embeddings.with_raw_response.create(**self.request(texts))
             response = raw.parse()
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         self.last_signals = signals(raw.headers)
-        self._count_usage(getattr(response.usage, "prompt_tokens", None), texts)  # paid, usable or not
+        return self.read(response, texts)
+
+    def read(self, response: CreateEmbeddingResponse, texts: list[str]) -> np.ndarray:
+        """The vectors of an answer (realtime, or a batch's line), its usage counted: paid, usable or not."""
+        self._count_usage(getattr(response.usage, "prompt_tokens", None), texts)
         data = response.data if isinstance(response.data, list) else []
         if len(data) != len(texts):
             raise ProviderError(f"asked for {len(texts)} embeddings, got {len(data)}", "unreadable_answer")
@@ -233,6 +235,18 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         if len({len(v) for v in vectors}) != 1:
             raise ProviderError("the server's embeddings differ in length", "unreadable_answer")
         return np.stack(vectors)
+
+    def request(self, texts: list[str]) -> dict:
+        """The body of one embeddings request (also a batch's request line)."""
+        body: dict = {"model": self.model, "input": texts, "encoding_format": "base64"}
+        if self._send_dimensions:
+            body["dimensions"] = self.dimension
+        return body
+
+    def batch_api(self) -> BatchAPI:
+        from .openai_batch import OpenAIBatches
+
+        return OpenAIBatches.for_embeddings(self)
 
     def _count_usage(self, reported: int | None, texts: list[str]) -> None:
         """Tokens as the server reports them; without a report, counted here with the tokenizer."""
@@ -269,20 +283,33 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
     async def enrich(self, texts: list[str]) -> list[dict | Exception]:
         return [await self._one(text) for text in texts]
 
+    def batch_api(self) -> BatchAPI:
+        from .openai_batch import OpenAIBatches
+
+        return OpenAIBatches.for_enrichment(self)
+
     async def _one(self, text: str) -> dict | Exception:
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(
-                model=self.model,
-                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "job_enrichment", "strict": True, "schema": enrichment_json_schema()},
-                },
-            )
+            raw = await self.client.chat.completions.with_raw_response.create(**self.request(text))
             response = raw.parse()
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         self.last_signals = signals(raw.headers)
+        return self.read(response, text)
+
+    def request(self, text: str) -> dict:
+        """The body of one chat completion (also a batch's request line)."""
+        return {
+            "model": self.model,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "job_enrichment", "strict": True, "schema": enrichment_json_schema()},
+            },
+        }
+
+    def read(self, response: ChatCompletion, text: str) -> dict | Exception:
+        """The enrichment of an answer (realtime, or a batch's line), its usage counted."""
         if response.usage is not None:
             self.usage.input_tokens += response.usage.prompt_tokens
             self.usage.output_tokens += response.usage.completion_tokens

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from ..config import DatasetConfig
 from .base import (
+    BatchRecord,
     ConnectionLostError,
     Failure,
     Ledger,
@@ -103,6 +104,7 @@ def _open_postgres(layout: TableLayout, url: str, write_concurrency: int, timeou
 
 
 __all__ = [
+    "BatchRecord",
     "ConnectionLostError",
     "Failure",
     "Ledger",

@@ -28,7 +28,8 @@ LEASES_TABLE = "backfill_leases"
 CACHE_TABLE = "backfill_cache"
 CLAIM = "claim:"  # the cache table's keys for texts being paid for right now (see Ledger.cache_claim)
 BUDGET_TABLE = "backfill_rate_limits"
-OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE)
+BATCHES_TABLE = "backfill_batches"
+OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE, BATCHES_TABLE)
 
 
 class StoreError(RuntimeError):
@@ -237,6 +238,24 @@ class RowStore(ABC):
         """
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch submitted to a provider's batch API for a partition's stage.
+
+    Recorded (state ``submitting``, with ``lines``: the cache keys each request line stands for) before the
+    request file is uploaded, and given its ``batch_id`` as soon as the provider answers, so a run killed at
+    any point resumes the same batch instead of paying for its work twice. ``label`` is sent along (OpenAI
+    metadata, Gemini display name): a run killed between the provider's answer and the record finds it by it.
+    """
+
+    label: str
+    partition_key: str
+    stage: str
+    batch_id: str | None
+    state: str  # submitting, submitted, done
+    lines: list[list[str]]
+
+
 class Ledger(ABC):
     """The pipeline's own tables: failures, partition leases, the paid-results cache, rate budgets.
 
@@ -310,6 +329,22 @@ class Ledger(ABC):
         (requests, tokens); a reservation moves it forward by the request's cost in seconds of budget,
         and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now.
         """
+
+    # -- batches (mode: batch) ---------------------------------------------------------------------
+    @abstractmethod
+    def batch_intent(self, record: BatchRecord) -> None:
+        """Record a batch about to be submitted (before its file is uploaded)."""
+
+    @abstractmethod
+    def batch_submitted(self, label: str, batch_id: str) -> None: ...
+
+    @abstractmethod
+    def batch_done(self, label: str, note: str) -> None:
+        """The batch's answers are collected (or it never reached the provider): it is no longer polled."""
+
+    @abstractmethod
+    def open_batches(self, partition_key: str, stage: str) -> list[BatchRecord]:
+        """The partition's batches for ``stage`` not yet collected, oldest first."""
 
     # -- partition leases ------------------------------------------------------------------------
     @abstractmethod

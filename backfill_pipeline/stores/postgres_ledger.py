@@ -6,6 +6,7 @@ go through a side connection of their own, so they never interleave with a read 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -13,7 +14,18 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from .base import BUDGET_TABLE, CACHE_TABLE, CLAIM, FAILURES_TABLE, LEASES_TABLE, Failure, Ledger, utc_now
+from .base import (
+    BATCHES_TABLE,
+    BUDGET_TABLE,
+    CACHE_TABLE,
+    CLAIM,
+    FAILURES_TABLE,
+    LEASES_TABLE,
+    BatchRecord,
+    Failure,
+    Ledger,
+    utc_now,
+)
 from .layout import TableRef
 from .postgres_catalog import Catalog, Timeouts, connect, identifier
 
@@ -32,6 +44,11 @@ _TABLES: dict[str, sql.SQL] = {
         "dataset text NOT NULL, partition_key text NOT NULL, run_id text NOT NULL, acquired_at timestamptz NOT NULL, "
         "PRIMARY KEY (dataset, partition_key)"
     ),
+    BATCHES_TABLE: sql.SQL(
+        "dataset text NOT NULL, label text NOT NULL, partition_key text NOT NULL, stage text NOT NULL, batch_id text, "
+        "state text NOT NULL, lines jsonb NOT NULL, note text, created_at timestamptz NOT NULL DEFAULT now(), "
+        "updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (dataset, label)"
+    ),
 }
 
 
@@ -46,6 +63,7 @@ class PostgresLedger(Ledger):
         self.leases_table = identifier(self.refs[LEASES_TABLE])
         self.cache_table = identifier(self.refs[CACHE_TABLE])
         self.budget_table = identifier(self.refs[BUDGET_TABLE])
+        self.batches_table = identifier(self.refs[BATCHES_TABLE])
         self._side_conn: psycopg.Connection | None = None
         self._side_lock = threading.Lock()
 
@@ -203,6 +221,49 @@ class PostgresLedger(Ledger):
                 {"req": request_seconds, "tok": token_seconds, "key": key, "burst": burst_seconds},
             ).fetchone()
         return float(row[0]) if row else 0.0
+
+    # -- batches -----------------------------------------------------------------------------------
+    def batch_intent(self, record: BatchRecord) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (dataset, label, partition_key, stage, batch_id, state, lines) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING"
+            ).format(self.batches_table),
+            [
+                self.dataset,
+                record.label,
+                record.partition_key,
+                record.stage,
+                record.batch_id,
+                record.state,
+                json.dumps(record.lines),
+            ],
+        )
+
+    def _batch_update(self, label: str, **values: str) -> None:
+        sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in values)
+        self.conn.execute(
+            sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE dataset = %s AND label = %s").format(
+                self.batches_table, sets
+            ),
+            [*values.values(), self.dataset, label],
+        )
+
+    def batch_submitted(self, label: str, batch_id: str) -> None:
+        self._batch_update(label, batch_id=batch_id, state="submitted")
+
+    def batch_done(self, label: str, note: str) -> None:
+        self._batch_update(label, state="done", note=note)
+
+    def open_batches(self, partition_key: str, stage: str) -> list[BatchRecord]:
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT label, partition_key, stage, batch_id, state, lines FROM {} WHERE dataset = %s "
+                "AND partition_key = %s AND stage = %s AND state <> 'done' ORDER BY created_at, label"
+            ).format(self.batches_table),
+            [self.dataset, partition_key, stage],
+        ).fetchall()
+        return [BatchRecord(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     # -- partition leases ------------------------------------------------------------------------
     def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from .base import BUDGET_TABLE, CACHE_TABLE, CLAIM, FAILURES_TABLE, LEASES_TABLE, OWN_TABLES, Failure, Ledger, utc_now
+from .base import (
+    BATCHES_TABLE,
+    BUDGET_TABLE,
+    CACHE_TABLE,
+    CLAIM,
+    FAILURES_TABLE,
+    LEASES_TABLE,
+    OWN_TABLES,
+    BatchRecord,
+    Failure,
+    Ledger,
+    utc_now,
+)
 from .sqlite_rows import immediate, table_columns
 
 _TABLES = {
@@ -19,6 +32,9 @@ _TABLES = {
     FAILURES_TABLE: "dataset TEXT NOT NULL, row_id TEXT NOT NULL, stage TEXT NOT NULL, error_class TEXT NOT NULL, "
     "message TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1, first_failed_at TEXT NOT NULL, "
     "last_failed_at TEXT NOT NULL, requeued INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (dataset, row_id, stage)",
+    BATCHES_TABLE: "dataset TEXT NOT NULL, label TEXT NOT NULL, partition_key TEXT NOT NULL, stage TEXT NOT NULL, "
+    "batch_id TEXT, state TEXT NOT NULL, lines TEXT NOT NULL, note TEXT, created_at TEXT NOT NULL, "
+    "updated_at TEXT NOT NULL, PRIMARY KEY (dataset, label)",
 }
 
 
@@ -166,6 +182,49 @@ class SQLiteLedger(Ledger):
                 [key, request_tat, token_tat],
             )
         return max(0.0, request_tat - now - burst_seconds, token_tat - now - burst_seconds)
+
+    # -- batches -----------------------------------------------------------------------------------
+    def batch_intent(self, record: BatchRecord) -> None:
+        now = utc_now().isoformat()
+        with self._lock, immediate(self.conn):
+            self.conn.execute(
+                f"INSERT INTO {BATCHES_TABLE} (dataset, label, partition_key, stage, batch_id, state, lines, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    self.dataset,
+                    record.label,
+                    record.partition_key,
+                    record.stage,
+                    record.batch_id,
+                    record.state,
+                    json.dumps(record.lines),
+                    now,
+                    now,
+                ],
+            )
+
+    def _batch_update(self, label: str, **values: str) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._lock, immediate(self.conn):
+            self.conn.execute(
+                f"UPDATE {BATCHES_TABLE} SET {sets}, updated_at = ? WHERE dataset = ? AND label = ?",
+                [*values.values(), utc_now().isoformat(), self.dataset, label],
+            )
+
+    def batch_submitted(self, label: str, batch_id: str) -> None:
+        self._batch_update(label, batch_id=batch_id, state="submitted")
+
+    def batch_done(self, label: str, note: str) -> None:
+        self._batch_update(label, state="done", note=note)
+
+    def open_batches(self, partition_key: str, stage: str) -> list[BatchRecord]:
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT label, partition_key, stage, batch_id, state, lines FROM {BATCHES_TABLE} WHERE dataset = ? "
+                "AND partition_key = ? AND stage = ? AND state <> 'done' ORDER BY created_at, label",
+                [self.dataset, partition_key, stage],
+            ).fetchall()
+        return [BatchRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     # -- partition leases ------------------------------------------------------------------------
     def _try_lease(self, key: str, run_id: str, replace: str | None) -> bool:
