@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .cache import NullCache, ResultCache, embedding_key, enrichment_key
 from .config import DatasetConfig, EmbeddingSpec, EnrichmentSpec, ProviderSpec, RateLimitSpec
 from .detection import apply_limit, detect
+from .engine.batch_stage import plan_batches
 from .engine.calls import batches
 from .partitions import partition_activity, partition_spec
 from .policy import build_policy
@@ -36,9 +37,10 @@ class StageEstimate:
     truncated: int = 0
     tokens: int = 0  # input tokens of the texts still to pay for
     requests: int = 0
+    batches: int = 0  # mode: batch: batches submitted (at least one per partition with work)
 
     def add(self, other: StageEstimate) -> None:
-        for name in ("rows", "distinct", "cached", "truncated", "tokens", "requests"):
+        for name in ("rows", "distinct", "cached", "truncated", "tokens", "requests", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
@@ -60,23 +62,41 @@ class Plan:
     def rows(self) -> int:
         return sum(self.reasons.values())
 
-    @property
-    def cost(self) -> float:
+    def cost_at(self, embedding_factor: float, enrichment_factor: float) -> float:
+        """The cost with each stage's configured prices multiplied by its factor (1: realtime)."""
         emb, enr = self.dataset.embedding, self.dataset.enrichment
         output_tokens = self.enrichment.to_pay * enr.expected_output_tokens
         return (
-            self.embedding.tokens / 1e6 * emb.price_per_million_input_tokens
-            + self.enrichment.tokens / 1e6 * enr.price_per_million_input_tokens
-            + output_tokens / 1e6 * enr.price_per_million_output_tokens
+            embedding_factor * self.embedding.tokens / 1e6 * emb.price_per_million_input_tokens
+            + enrichment_factor
+            * (
+                self.enrichment.tokens / 1e6 * enr.price_per_million_input_tokens
+                + output_tokens / 1e6 * enr.price_per_million_output_tokens
+            )
         )
+
+    @property
+    def cost(self) -> float:
+        """At the configured prices in each stage's configured mode."""
+        return self.cost_at(self.dataset.embedding.price_factor, self.dataset.enrichment.price_factor)
+
+    @property
+    def realtime_cost(self) -> float:
+        return self.cost_at(1.0, 1.0)
+
+    @property
+    def batch_cost(self) -> float:
+        return self.cost_at(self.dataset.embedding.batch.price_factor, self.dataset.enrichment.batch.price_factor)
 
     @property
     def minutes(self) -> float:
         emb, enr = self.dataset.embedding, self.dataset.enrichment
         output_tokens = self.enrichment.to_pay * enr.expected_output_tokens
-        return max(
-            _minutes(self.embedding.requests, self.embedding.tokens, emb.rate_limit),
-            _minutes(self.enrichment.requests, self.enrichment.tokens + output_tokens, enr.rate_limit),
+        return max(  # a batch-mode stage is not paced by the rate limits (the provider answers within 24 h)
+            0.0 if emb.mode == "batch" else _minutes(self.embedding.requests, self.embedding.tokens, emb.rate_limit),
+            0.0
+            if enr.mode == "batch"
+            else _minutes(self.enrichment.requests, self.enrichment.tokens + output_tokens, enr.rate_limit),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -85,13 +105,20 @@ class Plan:
             "dataset": self.name,
             "rows": self.rows,
             "reasons": dict(sorted(self.reasons.items())),
-            "embedding": {"provider": emb.provider, "model": emb.model, **vars(self.embedding)},
+            "embedding": {"provider": emb.provider, "model": emb.model, "mode": emb.mode, **vars(self.embedding)},
             "estimated_cost_usd": round(self.cost, 6),
+            "estimated_cost_realtime_usd": round(self.realtime_cost, 6),
+            "estimated_cost_batch_usd": round(self.batch_cost, 6),
             "minimum_minutes": round(self.minutes, 2),
             "not_migrated": self.missing,
         }
         if enr.enabled:
-            out["enrichment"] = {"provider": enr.provider, "model": enr.model, **vars(self.enrichment)}
+            out["enrichment"] = {
+                "provider": enr.provider,
+                "model": enr.model,
+                "mode": enr.mode,
+                **vars(self.enrichment),
+            }
         return out
 
     def lines(self) -> list[str]:
@@ -101,10 +128,15 @@ class Plan:
         out.append(_stage_line("embedding: ", self.embedding, emb))
         if enr.enabled:
             out.append(_stage_line("enrichment:", self.enrichment, enr))
+        modes = f"embedding {emb.mode}" + (f", enrichment {enr.mode}" if enr.enabled else "")
         out.append(
-            f"  estimated cost ${self.cost:.4f} at configured prices; at least {self.minutes:.1f} min at "
-            "configured limits"
+            f"  estimated cost ${self.cost:.4f} at configured prices ({modes}); realtime ${self.realtime_cost:.4f}, "
+            f"batch ${self.batch_cost:.4f} (the batch APIs' discount, answered within 24 h)"
         )
+        out.append(f"  at least {self.minutes:.1f} min at configured limits (batch-mode stages are not rate-paced)")
+        for label, spec, e in (("embedding", emb, self.embedding), ("enrichment", enr, self.enrichment)):
+            if spec.mode == "batch" and (label == "embedding" or enr.enabled):
+                out.append(f"  {label} batches: {e.batches} ({_batch_limits(spec)})")
         if self.missing:
             out.append(
                 f"  not migrated yet: {', '.join(self.missing)} (run `backfill-pipeline migrate`); planned as if "
@@ -118,6 +150,16 @@ def _stage_line(label: str, e: StageEstimate, spec: ProviderSpec) -> str:
         f"  {label} {e.rows} rows, {e.distinct} distinct texts, {e.cached} already paid for (cache), "
         f"{e.truncated} cut to the model's limit; ~{e.tokens:,} tokens in {e.requests} requests "
         f"({spec.provider} {spec.model})"
+    )
+
+
+def _batch_limits(spec: ProviderSpec) -> str:
+    b = spec.batch
+    return (
+        f"{'OpenAI Batch API' if spec.provider == 'openai' else 'Gemini batch mode'}: at most "
+        f"{b.max_requests:,} requests, {b.max_inputs:,} inputs and {b.max_megabytes:g} MB per batch"
+        f"{', 20 MB inline' if spec.provider == 'gemini' else ''}; one text per request line; waits up to "
+        f"{b.wait_minutes:g} min per run"
     )
 
 
@@ -138,7 +180,7 @@ def _key(spec: ProviderSpec) -> str:
 def estimate(
     provider: EmbeddingProvider | EnrichmentProvider,
     texts: list[str],
-    batch_size: int,
+    spec: EmbeddingSpec | EnrichmentSpec,
     make_cache: Callable[[], ResultCache],
 ) -> StageEstimate:
     """What the engine would send for ``texts`` in one partition's run. The cache is opened in the event
@@ -161,9 +203,13 @@ def estimate(
 
     cached = asyncio.run(look_up()) if first else {}
     todo = [i for k, i in first.items() if k not in cached]
-    size = min(batch_size, provider.max_batch_size)
-    requests = batches(todo, tokens, size, getattr(provider, "max_batch_tokens", None))
     paid = sum(tokens[i] for i in todo)
+    if spec.mode == "batch":  # one text per request line, lines grouped within the batch limits
+        lines = [[i] for i in todo]
+        grouped = plan_batches(lines, provider.batch_api(), [len(t.encode()) for t in sent], spec.batch)
+        return StageEstimate(len(texts), len(first), len(first) - len(todo), truncated, paid, len(lines), len(grouped))
+    size = min(spec.batch_size, provider.max_batch_size)
+    requests = batches(todo, tokens, size, getattr(provider, "max_batch_tokens", None))
     return StageEstimate(len(texts), len(first), len(first) - len(todo), truncated, paid, len(requests))
 
 
@@ -229,8 +275,8 @@ def plan_dataset(
                 remaining -= work
             # the texts as sent before enrichment; with include_enrichment the embedded text grows a little
             chosen = [t or "" for t, e in zip(texts, needs_emb, strict=True) if e]
-            plan.embedding.add(estimate(embedder, chosen, emb_spec.batch_size, emb_cache))
+            plan.embedding.add(estimate(embedder, chosen, emb_spec, emb_cache))
             if enricher is not None:
                 chosen = [t or "" for t, n in zip(texts, needs_enr, strict=True) if n]
-                plan.enrichment.add(estimate(enricher, chosen, enr_spec.batch_size, enr_cache))
+                plan.enrichment.add(estimate(enricher, chosen, enr_spec, enr_cache))
     return plan

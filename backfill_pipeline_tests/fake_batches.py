@@ -224,7 +224,7 @@ class FakeBatches:
         return file_id
 
     def _answer(self, batch: _Batch, number: int) -> dict:
-        from .fake_providers import _answer_content, _hash
+        from .fake_providers import _ENCODING, _answer_content, _hash
 
         line = batch.lines[number]
         if batch.kind == "openai":
@@ -252,7 +252,12 @@ class FakeBatches:
                 "error": None,
                 "response": {"status_code": 400, "request_id": f"r{number}", "body": error},
             }
-        tokens = sum(max(1, len(t) // 4) for t in texts)
+        # metered as the realtime routes meter: tiktoken for OpenAI, characters / 4 for Gemini
+        tokens = (
+            sum(len(t) for t in _ENCODING.encode_ordinary_batch(texts))
+            if batch.kind == "openai"
+            else sum(max(1, len(t) // 4) for t in texts)
+        )
         if route == "batch_embeddings":
             if batch.kind == "gemini":
                 dims = int((line.get("request") or {}).get("outputDimensionality") or 3072)

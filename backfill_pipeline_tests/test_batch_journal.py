@@ -91,3 +91,12 @@ def test_a_run_that_stops_waiting_leaves_its_rows_to_the_next_which_resumes_the_
     server.batches.batches[batch_id].delay = 0.0
     second = _embed(opener, server)
     assert second.ok.all() and server.batches.created == [batch_id]
+
+
+def test_a_batch_that_fails_as_a_whole_fails_its_rows_with_the_providers_words(opener, server) -> None:
+    server.batches.behaviour.outcome = "failed"
+    outcome = _embed(opener, server)
+    assert not outcome.ok.any() and not outcome.unsent and len(outcome.failures) == len(TEXTS)
+    assert {f.message for f in outcome.failures} == {"the batch failed: injected batch failure"}
+    with opener() as store:
+        assert store.ledger.open_batches("p1", "embedding") == []  # collected: not polled again

@@ -4,6 +4,7 @@ expiry and cancellation, and a run killed while its batch is pending that resume
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -146,3 +147,21 @@ def test_a_run_killed_while_its_batch_is_pending_resumes_it_without_resubmitting
     assert embed["rows_embedded"] == embed["rows_in"] > 0 and server.repeated_texts("batch_embeddings") == 0
     logs = "\n".join(str(r) for r in instance.all_logs(resumed.run_id))
     assert f"resuming batch {batch_id}" in logs
+
+
+def test_the_plan_shows_both_prices_and_the_batch_limits(demo_db, tmp_path, monkeypatch, server, capsys) -> None:
+    from backfill_pipeline.cli import main
+
+    setup(tmp_path, batch_config(demo_db, server), monkeypatch)
+    assert main(["plan", "--json"]) == 0
+    [plan] = json.loads(capsys.readouterr().out)
+    realtime, batch = plan["estimated_cost_realtime_usd"], plan["estimated_cost_batch_usd"]
+    assert realtime > 0 and batch == pytest.approx(realtime / 2, abs=1e-6) and plan["estimated_cost_usd"] == batch
+    batches = plan["embedding"]["batches"]  # one per partition holding work: the demo's 30 partitions at most
+    assert plan["embedding"]["mode"] == "batch" and 1 <= batches <= 30
+    assert plan["embedding"]["requests"] == plan["embedding"]["distinct"] - plan["embedding"]["cached"]
+    assert main(["plan"]) == 0
+    text = capsys.readouterr().out
+    assert f"realtime ${realtime:.4f}, batch ${batch:.4f}" in text
+    assert f"embedding batches: {batches} (OpenAI Batch API: at most 50,000 requests, 50,000 inputs" in text
+    assert server.count("batches") == 0 and not server.batches.created  # a dry run submits nothing

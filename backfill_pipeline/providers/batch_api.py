@@ -35,7 +35,6 @@ class BatchAPI(ABC):
     max_lines: int = 50_000  # request lines per batch
     max_inputs: int = 50_000  # texts per batch
     max_bytes: int = 190_000_000  # size of the request file (or inline payload)
-    limits_note: str = ""  # the provider's batch limits, as the plan shows them
 
     @abstractmethod
     async def submit(self, lines: list[list[str]], label: str) -> str:
@@ -53,7 +52,3 @@ class BatchAPI(ABC):
         """Answers of a finished batch by line number (``texts``: each line's texts, "" where this run no longer
         has them); a line that failed is a :class:`ProviderError` with the provider's words; a line left
         unanswered (the batch expired or was cancelled) is absent. Usage of answered lines is accounted."""
-
-    def line_bytes(self, texts: list[str]) -> int:
-        """About how many bytes a request line holding ``texts`` takes (JSON escaping and framing included)."""
-        return sum(len(t.encode()) for t in texts) * 11 // 10 + 400

@@ -33,7 +33,6 @@ class OpenAIBatches(BatchAPI):
     max_lines = 50_000
     max_inputs = 50_000
     max_bytes = 190_000_000  # under the 200 MB a file may hold
-    limits_note = "OpenAI Batch API: 50,000 requests and 200 MB per file, 50,000 embedding inputs, 24 h window"
 
     def __init__(
         self,
