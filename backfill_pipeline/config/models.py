@@ -11,7 +11,7 @@ import os
 import re
 import string
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -508,6 +508,11 @@ class ExecutionSpec(_Model):
     """
 
     executor: str = Field(default="in_process", pattern=r"^(in_process|multiprocess|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+    executor_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The executor's own config, as its docs give it (Celery: broker, backend, config_source); "
+        "{env: VAR} values are read by Dagster when a run starts.",
+    )
     intermediates: str | EnvRef | None = None
 
     @property

@@ -48,8 +48,14 @@ def dataset_definitions(name: str, dataset: DatasetConfig) -> dg.Definitions:
     )
 
 
-def executor_of(name: str) -> dg.ExecutorDefinition:
-    """The executor the config names: Dagster's own two, or ``module:attribute`` of a deployment's."""
+def executor_of(name: str, config: dict | None = None) -> dg.ExecutorDefinition:
+    """The executor the config names (Dagster's own two, or ``module:attribute`` of a deployment's), with
+    its own config when given."""
+    found = _executor(name)
+    return found.configured(config, name=f"{found.name}_configured") if config else found
+
+
+def _executor(name: str) -> dg.ExecutorDefinition:
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
@@ -71,7 +77,7 @@ def shared_definitions(execution: ExecutionSpec | None = None) -> dg.Definitions
         resources={IO_MANAGER_KEY: ParquetIOManager(base_dir=execution.intermediates_url)},
         # In-process by default: a partition's steps form a chain, so a process per step would only add
         # start-up time; runs of different partitions still execute in parallel, each in its own process.
-        executor=executor_of(execution.executor),
+        executor=executor_of(execution.executor, execution.executor_config),
     )
 
 
