@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 from pathlib import Path
@@ -53,6 +54,10 @@ def demo_config_path(tmp_path: Path, demo_db: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.fixture
 def instance():
+    # An instance an earlier test left to the garbage collector resets Dagster's current defs-state storage
+    # when it is collected, which can happen in the middle of this test and leave the storage of a disposed
+    # instance current ("Attempted to resolve undefined DagsterInstance weakref"): collect them first.
+    gc.collect()
     with dg.instance_for_test() as inst:
         yield inst
 

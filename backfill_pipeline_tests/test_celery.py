@@ -90,7 +90,7 @@ def test_two_celery_workers_run_a_partition_backfill_through_s3(
     with psycopg.connect(data_db) as conn:
         conn.cursor().executemany(
             "INSERT INTO jobs_enriched (id, title, company, description) VALUES (%s,%s,%s,%s)",
-            [(i, *posting(i)) for i in range(1, ROWS + 1)],
+            [(i, *posting(i)) for i in range(ROWS)],  # ids 0..199: four partitions
         )
     server.limits["text-embedding-3-small"] = ModelLimits(requests_per_minute=600, burst_seconds=1.0)
     server.limits["gpt-4o-mini"] = ModelLimits(requests_per_minute=600, burst_seconds=1.0)
@@ -134,7 +134,7 @@ def test_two_celery_workers_run_a_partition_backfill_through_s3(
             [str(BIN / "backfill-pipeline"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stderr
-    keys = [f"{start:010d}-{start + WIDTH - 1:010d}" for start in range(0, ROWS + 1, WIDTH)]  # ids 1..200: five
+    keys = [f"{start:010d}-{start + WIDTH - 1:010d}" for start in range(0, ROWS, WIDTH)]
 
     worker_config = tmp_path / "celery.yaml"
     worker_config.write_text(

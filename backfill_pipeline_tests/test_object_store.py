@@ -105,6 +105,7 @@ def test_a_multi_machine_executor_needs_shared_intermediates(demo_db: Path) -> N
     with pytest.raises(ConfigError, match="runs steps on other machines.*execution.intermediates"):
         parse_config(data)
     data["execution"]["intermediates"] = f"s3://{BUCKET}/backfill"
-    config = parse_config(data)  # valid; the executor itself is imported when the definitions are built
-    with pytest.raises(ConfigError, match="'dagster_celery:celery_executor' cannot be loaded"):
-        backfill_definitions(config)
+    parse_config(data)  # valid; the executor itself is imported when the definitions are built
+    data["execution"]["executor"] = "no_such_package:celery_executor"
+    with pytest.raises(ConfigError, match="'no_such_package:celery_executor' cannot be loaded"):
+        backfill_definitions(parse_config(data))
