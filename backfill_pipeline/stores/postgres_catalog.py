@@ -62,10 +62,13 @@ class Timeouts:
 
 
 def connect(url: str, dataset: str, timeouts: Timeouts | None = None) -> psycopg.Connection:
-    """An autocommit connection, with pgvector's types registered when the extension is there."""
+    """An autocommit connection, with pgvector's types registered when the extension is there, named
+    ``backfill_pipeline:<dataset>`` in ``pg_stat_activity`` (so a DBA can count and bound them)."""
     options = (timeouts or Timeouts()).options
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=15, options=options)
+        conn = psycopg.connect(
+            url, autocommit=True, connect_timeout=15, options=options, application_name=f"backfill_pipeline:{dataset}"
+        )
     except psycopg.OperationalError as exc:
         raise ConnectionLostError(f"dataset '{dataset}': cannot connect to the database: {clean_error(exc)}") from None
     if has_pgvector(conn):
