@@ -37,7 +37,7 @@ def coverage_rows(name: str, dataset: DatasetConfig, by_partition: bool, exact: 
             if reading is not None:
                 cov = reading.coverage(key)
             else:
-                cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
+                cov = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows), exact=True)
             total.add(cov)
             if by_partition:
                 rows.append(coverage_row(name, key, cov))

@@ -8,8 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from .config import DatasetConfig
 from .detection import Reason, detect, reason_counts
+from .partitions import work_test
 from .stores import PartitionSpec, Store
 
 
@@ -39,9 +42,27 @@ class Coverage:
         self.reasons.update(other.reasons)
 
 
-def partition_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec) -> Coverage:
-    raw = store.rows.read_partition(part, dataset.read_batch_size)
-    ids = raw.column("id").to_pylist()
-    cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
-    detected = detect(raw, dataset, cooling_ids=cooling)
-    return Coverage(rows=raw.num_rows, reasons=Counter(reason_counts(detected)))
+def partition_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec, exact: bool = False) -> Coverage:
+    """One partition's coverage. The database counts its rows and says which need work; only those are read
+    and run through detection (after a write: few), so a check costs an aggregate, not a re-read of every
+    vector. ``exact`` (or a database that cannot test the stored vectors) reads and detects every row."""
+    queries = store.rows.queries()
+    if exact or not queries.tests_vectors():
+        raw = store.rows.read_partition(part, dataset.read_batch_size)
+        ids = raw.column("id").to_pylist()
+        cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
+        detected = detect(raw, dataset, cooling_ids=cooling)
+        return Coverage(rows=raw.num_rows, reasons=Counter(reason_counts(detected)))
+    rows, with_text = queries.partition_counts(part)
+    reasons: Counter = Counter()
+    read = 0
+    for batch in store.rows.read_batches(part, dataset.read_batch_size, pending=work_test(dataset)):
+        raw = pa.Table.from_batches([batch])
+        cooling = store.ledger.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
+        reasons.update(reason_counts(detect(raw, dataset, cooling_ids=cooling)))
+        read += raw.num_rows
+    unread = rows - read  # rows the database found up to date, or without text
+    no_text = min(max(0, rows - with_text - reasons[Reason.NO_TEXT.value]), unread)
+    reasons[Reason.NO_TEXT.value] += no_text
+    reasons[Reason.OK.value] += unread - no_text
+    return Coverage(rows=rows, reasons=+reasons)

@@ -31,9 +31,12 @@ def _assert_same_as_reading_everything(name: str, dataset) -> None:
         reading = read_pending(store, dataset, keys)
         assert reading is not None
         for key in keys:
-            exact = partition_coverage(store, dataset, partition_spec(key, dataset, store.rows))
+            part = partition_spec(key, dataset, store.rows)
+            exact = partition_coverage(store, dataset, part, exact=True)
             counted = reading.coverage(key)
             assert (counted.rows, dict(counted.reasons)) == (exact.rows, dict(+exact.reasons)), key
+            checked = partition_coverage(store, dataset, part)  # what the checks read: this partition only
+            assert (checked.rows, dict(checked.reasons)) == (exact.rows, dict(+exact.reasons)), key
 
 
 def test_sqlite_demo_states_agree(demo_db: Path, demo_config_path: Path) -> None:

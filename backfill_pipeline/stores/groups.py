@@ -243,6 +243,17 @@ class GroupQueries:
             params,
         )
 
+    def partition_counts(self, part: PartitionSpec) -> tuple[int, int]:
+        """``(rows, rows with text)`` of one partition, from one aggregate over its rows."""
+        has_text, params = self.d.has_text(self.layout.text)
+        clauses, part_params = self.partition_clause(part)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        [(rows, with_text)] = self.execute(
+            f"SELECT count(*), sum(CASE WHEN {has_text} THEN 1 ELSE 0 END) FROM {self.source}{where}",
+            [*params, *part_params],
+        )
+        return int(rows), int(with_text or 0)
+
     def needs_work(self, test: WorkTest, exclude_cooling: bool = True) -> tuple[str, list[object]]:
         """Whether a row needs work, as detection would say. On Postgres, constant and sequential
         placeholders of the right length (and any vector in a text column) are left to a run's detection."""
