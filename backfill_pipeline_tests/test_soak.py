@@ -28,7 +28,7 @@ from .pg import OwnedCluster, create_database, unavailable
 
 pytestmark = pytest.mark.soak
 
-ROWS, WIDTH, KILLS = 1400, 200, 5
+ROWS, WIDTH, KILLS = 2000, 200, 6
 WORKERS, CHAT_IN_FLIGHT, EMBEDDING_IN_FLIGHT, EMBEDDING_BATCH = 2, 4, 8, 50
 DB_PASSWORD = "soak-db-password-31337"
 REDIS = "redis://127.0.0.1:6379/0"
