@@ -5,6 +5,7 @@ It runs the same detection as the graph, so "covered" means exactly what a run w
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -46,14 +47,24 @@ def partition_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec
     """One partition's coverage. The database counts its rows and says which need work; only those are read
     and run through detection (after a write: few), so a check costs an aggregate, not a re-read of every
     vector. ``exact`` (or a database that cannot test the stored vectors) reads and detects every row."""
-    queries = store.rows.queries()
-    if exact or not queries.tests_vectors():
-        raw = store.rows.read_partition(part, dataset.read_batch_size)
-        ids = raw.column("id").to_pylist()
-        cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
-        detected = detect(raw, dataset, cooling_ids=cooling)
-        return Coverage(rows=raw.num_rows, reasons=Counter(reason_counts(detected)))
-    rows, with_text = queries.partition_counts(part)
+    if exact or not store.rows.queries().tests_vectors():
+        return _read_coverage(store, dataset, part)
+    try:
+        return _counted_coverage(store, dataset, part)
+    except sqlite3.OperationalError:  # text SQLite cannot hand to Python (not UTF-8): read it as a run does
+        return _read_coverage(store, dataset, part)
+
+
+def _read_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec) -> Coverage:
+    raw = store.rows.read_partition(part, dataset.read_batch_size)
+    ids = raw.column("id").to_pylist()
+    cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
+    detected = detect(raw, dataset, cooling_ids=cooling)
+    return Coverage(rows=raw.num_rows, reasons=Counter(reason_counts(detected)))
+
+
+def _counted_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec) -> Coverage:
+    rows, with_text = store.rows.queries().partition_counts(part)
     reasons: Counter = Counter()
     read = 0
     for batch in store.rows.read_batches(part, dataset.read_batch_size, pending=work_test(dataset)):

@@ -10,6 +10,7 @@ run's (or ``--exact``) detection.
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,7 +81,15 @@ def _pending_batches(store: Store, dataset: DatasetConfig, keys: list[str]) -> I
 
 
 def read_pending(store: Store, dataset: DatasetConfig, keys: list[str] | None = None) -> TableReading | None:
-    """Counts per partition (of ``keys``, else all holding rows) and the detected rows needing work."""
+    """Counts per partition (of ``keys``, else all holding rows) and the detected rows needing work; None
+    when the database cannot answer (then callers read the partitions)."""
+    try:
+        return _read_pending(store, dataset, keys)
+    except sqlite3.OperationalError:  # text SQLite cannot hand to Python (not UTF-8): read it as a run does
+        return None
+
+
+def _read_pending(store: Store, dataset: DatasetConfig, keys: list[str] | None) -> TableReading | None:
     queries = store.rows.queries()
     if not queries.tests_vectors():
         return None
