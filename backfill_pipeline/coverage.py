@@ -72,7 +72,14 @@ def _counted_coverage(store: Store, dataset: DatasetConfig, part: PartitionSpec)
         cooling = store.ledger.cooling_down_ids(raw.column("id").to_pylist(), dataset.failure_cooldown_hours)
         reasons.update(reason_counts(detect(raw, dataset, cooling_ids=cooling)))
         read += raw.num_rows
-    unread = rows - read  # rows the database found up to date, or without text
+    return partly_read(rows, with_text, reasons, read)
+
+
+def partly_read(rows: int, with_text: int, reasons: Counter, read: int) -> Coverage:
+    """A partition's coverage from its counts and the reasons of the ``read`` rows the database said need
+    work: the rows not read are up to date, or without text."""
+    reasons = Counter(reasons)
+    unread = max(0, rows - read)
     no_text = min(max(0, rows - with_text - reasons[Reason.NO_TEXT.value]), unread)
     reasons[Reason.NO_TEXT.value] += no_text
     reasons[Reason.OK.value] += unread - no_text

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .config import DatasetConfig
-from .coverage import Coverage
-from .detection import Reason, detect
+from .coverage import Coverage, partly_read
+from .detection import detect
 from .partitions import (
     NULL_ARCHIVE_KEY,
     grouping_of,
@@ -50,11 +50,7 @@ class TableReading:
         for table in self.detected.get(key, []):
             reasons.update(table.column("reason").to_pylist())
             read += table.num_rows
-        no_text_unread = max(0, rows - with_text - reasons[Reason.NO_TEXT.value])
-        unread = max(0, rows - read)
-        reasons[Reason.NO_TEXT.value] += min(no_text_unread, unread)
-        reasons[Reason.OK.value] += unread - min(no_text_unread, unread)
-        return Coverage(rows=rows, reasons=+reasons)
+        return partly_read(rows, with_text, reasons, read)
 
 
 def _row_keys(raw: pa.Table, dataset: DatasetConfig) -> list[str]:

@@ -35,7 +35,7 @@ from ..config import BatchSpec
 from ..providers.base import ProviderError
 from ..providers.batch_api import BatchAPI, BatchState
 from ..stores import BatchRecord, Ledger
-from .calls import CallPolicy, FatalProviderError, Progress, ProgressFn, RowFailure, batches, error_class, error_message
+from .calls import CallPolicy, FatalProviderError, Progress, ProgressFn, RowFailure, error_class, error_message
 from .stages import RowError, Stage, StageResult, group_identical
 
 R = TypeVar("R")
@@ -81,7 +81,7 @@ async def run_batch_stage(
     stage: Stage[R],
     texts: Sequence[str],
     *,
-    batch_size: int,
+    batch_size: int,  # the realtime requests' size; a batch line holds one text
     policy: CallPolicy,
     progress: ProgressFn | None,
     progress_every: int,
@@ -92,7 +92,7 @@ async def run_batch_stage(
     provider = stage.provider
     api = provider.batch_api()
     n = len(texts)
-    sent, tokens, truncated = provider.prepare(list(texts))
+    sent, _, truncated = provider.prepare(list(texts))  # token counts: batch stages are not rate-paced
     provider.usage.truncated_inputs += truncated
     keys = [stage.key(t) for t in sent]
     tracker = Progress(n, progress, progress_every)
@@ -114,7 +114,9 @@ async def run_batch_stage(
     waiting = {k for r in records for line in r.lines for k in line}
     new = [members[0] for key, members in groups.items() if key not in waiting]
     if new:
-        lines = batches(new, tokens, min(batch_size, api.inputs_per_line), stage.max_batch_tokens)
+        # one text per request line: a batch holds 50,000 inputs however they are grouped, and a line the API
+        # refuses (one bad input) then fails one row, not its neighbours (realtime splits a refused request)
+        lines = [[i] for i in new]
         sizes = [len(t.encode()) for t in sent]
         for chunk in plan_batches(lines, api, sizes, journal.spec):
             record = await _submit(
@@ -182,7 +184,8 @@ async def run_batch_stage(
     pending = [r for r in records if r.batch_id]
     started = time.monotonic()
     deadline = started + journal.spec.wait_minutes * 60
-    last_line, last_logged = "", 0.0
+    last_seen: tuple = ()
+    last_logged = 0.0
     while pending:
         states = {r.label: await api.state(r.batch_id or "") for r in pending}
         for record in list(pending):
@@ -194,10 +197,10 @@ async def run_batch_stage(
                 pending.remove(record)
         if not pending:
             break
-        line = _waiting_line(journal, states, pending, time.monotonic() - started)
-        if line.split(" ), ")[0] != last_line.split(" ), ")[0] or time.monotonic() - last_logged >= 300:
-            journal.log(line)  # when something changed, and every 5 minutes
-            last_line, last_logged = line, time.monotonic()
+        seen = tuple(states[r.label] for r in pending)
+        if seen != last_seen or time.monotonic() - last_logged >= 300:  # when something changed; every 5 min
+            journal.log(_waiting_line(journal, states, pending, time.monotonic() - started))
+            last_seen, last_logged = seen, time.monotonic()
         if policy.stop() or time.monotonic() >= deadline:
             why = "a stop was requested" if policy.stop() else f"waited {journal.spec.wait_minutes:g} min"
             journal.log(
@@ -219,7 +222,7 @@ def _waiting_line(
         counts = f" {s.completed or 0}/{s.total} done, {s.failed or 0} failed" if s.total is not None else ""
         parts.append(f"{record.batch_id} {s.status}{counts}")
     return (
-        f"{journal.stage}: waiting for {_batches(len(pending))} ({'; '.join(parts)} ), {waited:.0f}s elapsed "
+        f"{journal.stage}: waiting for {_batches(len(pending))} ({'; '.join(parts)}), {waited:.0f}s elapsed "
         f"of up to {journal.spec.wait_minutes:g} min"
     )
 

@@ -31,7 +31,6 @@ class BatchState:
 class BatchAPI(ABC):
     """One provider's batch endpoint for one stage (embeddings or enrichment)."""
 
-    inputs_per_line: int = 1  # texts one request line may carry (OpenAI embeddings: a whole request)
     max_lines: int = 50_000  # request lines per batch
     max_inputs: int = 50_000  # texts per batch
     max_bytes: int = 190_000_000  # size of the request file (or inline payload)

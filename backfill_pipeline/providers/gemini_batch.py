@@ -24,7 +24,6 @@ INLINE_BYTES = 19_000_000  # under the 20 MB of inline requests a batch may hold
 
 
 class GeminiBatches(BatchAPI):
-    inputs_per_line = 1
     max_bytes = INLINE_BYTES
 
     def __init__(self, provider: GeminiEmbeddingProvider | GeminiEnrichmentProvider, embeddings: bool):

@@ -40,10 +40,8 @@ class OpenAIBatches(BatchAPI):
         endpoint: str,
         body: Callable[[list[str]], dict],
         read: Callable[[dict, list[str] | None], object],
-        inputs_per_line: int,
     ):
         self.client, self.endpoint, self.body, self.read = client, endpoint, body, read
-        self.inputs_per_line = inputs_per_line
 
     @classmethod
     def for_embeddings(cls, provider: OpenAIEmbeddingProvider) -> OpenAIBatches:
@@ -51,16 +49,14 @@ class OpenAIBatches(BatchAPI):
             # built as the SDK builds its answers (not validated: base64 vectors are strings, not the typed list)
             return provider.read(CreateEmbeddingResponse.construct(**body), texts or [])
 
-        # one input per line: a batch holds 50,000 inputs however they are grouped, and a line the API refuses
-        # (one bad input) then fails one row, not its neighbours (realtime splits a refused request instead)
-        return cls(provider.client, "/v1/embeddings", provider.request, read, 1)
+        return cls(provider.client, "/v1/embeddings", provider.request, read)
 
     @classmethod
     def for_enrichment(cls, provider: OpenAIEnrichmentProvider) -> OpenAIBatches:
         def read(body: dict, texts: list[str] | None) -> list[dict | Exception]:
             return [provider.read(ChatCompletion.construct(**body), (texts or [""])[0])]
 
-        return cls(provider.client, "/v1/chat/completions", lambda texts: provider.request(texts[0]), read, 1)
+        return cls(provider.client, "/v1/chat/completions", lambda texts: provider.request(texts[0]), read)
 
     async def submit(self, lines: list[list[str]], label: str) -> str:
         requests = (
