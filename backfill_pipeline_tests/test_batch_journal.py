@@ -27,7 +27,7 @@ def opener(request, tmp_path: Path):
     return migrated_opener(request.param, request, tmp_path)
 
 
-def _embed(opener, server: FakeProviderServer, wait_minutes: float = 1.0, crash_after_create: bool = False):
+def _embed(opener, server: FakeProviderServer, wait_minutes: float = 1.0, crash_after_create: bool = False, stop=None):
     """One stage run of the partition's texts in batch mode, with its own store as a step has."""
     spec = EmbeddingSpec(provider="openai", model="text-embedding-3-small", dimension=8, base_url=server.openai_url)
     with opener() as store:
@@ -42,6 +42,8 @@ def _embed(opener, server: FakeProviderServer, wait_minutes: float = 1.0, crash_
             ledger, "p1", "embedding", BatchSpec(poll_seconds=0.05, wait_minutes=wait_minutes), print
         )
         policy = CallPolicy(cache=StoreCache(ledger, 30), batches=journal)
+        if stop is not None:
+            policy.stop = stop
         provider = OpenAIEmbeddingProvider(spec, OPENAI_KEY)
 
         async def go():
@@ -100,3 +102,14 @@ def test_a_batch_that_fails_as_a_whole_fails_its_rows_with_the_providers_words(o
     assert {f.message for f in outcome.failures} == {"the batch failed: injected batch failure"}
     with opener() as store:
         assert store.ledger.open_batches("p1", "embedding") == []  # collected: not polled again
+
+
+def test_ctrl_c_while_waiting_ends_the_wait_and_the_next_run_resumes_the_batch(opener, server) -> None:
+    server.batches.behaviour.delay_seconds = 3600
+    stopped = _embed(opener, server, stop=lambda: bool(server.batches.created))  # Ctrl+C once submitted
+    assert not stopped.ok.any() and len(stopped.unsent) == len(TEXTS) and not stopped.failures
+    [batch_id] = server.batches.created
+    with opener() as store:
+        assert [r.batch_id for r in store.ledger.open_batches("p1", "embedding")] == [batch_id]
+    server.batches.batches[batch_id].delay = 0.0
+    assert _embed(opener, server).ok.all() and server.batches.created == [batch_id]
