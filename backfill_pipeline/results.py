@@ -104,15 +104,6 @@ def failed_ids(table: pa.Table) -> pa.Array:
     return pc.filter(table.column("id"), pc.is_valid(table.column("error")))
 
 
-def hold_back_failed_enrichment(todo: pa.Table, enrichment: pa.Table) -> tuple[pa.Table, int]:
-    """Rows to embed, without those whose enrichment just failed (their text would lack it)."""
-    if not enrichment.num_rows:
-        return todo, 0
-    keep = pc.invert(pc.is_in(todo.column("id"), value_set=failed_ids(enrichment)))
-    kept = todo.filter(keep)
-    return kept, todo.num_rows - kept.num_rows
-
-
 def embedding_texts(dataset: DatasetConfig, todo: pa.Table, enrichment: pa.Table) -> list[str]:
     """The texts to embed: the row's text, plus its (fresh, else stored) enrichment when configured."""
     texts = todo.column("text").to_pylist()
@@ -146,11 +137,10 @@ def stage_failures(stage: str, table: pa.Table) -> list[Failure]:
     return [Failure(r["id"], stage, r["error_class"], r["error"]) for r in failed.to_pylist()]
 
 
-def row_failures(detected: pa.Table, enrichment: pa.Table, embeddings: pa.Table) -> list[Failure]:
-    """Every failed row: text that could not be read, and the failures of both provider steps."""
+def unreadable_failures(detected: pa.Table) -> list[Failure]:
+    """Rows whose text could not be read (``id`` and the text error of the detected rows)."""
     unreadable = detected.filter(pc.is_valid(detected.column(TEXT_ERROR))).select(["id", TEXT_ERROR])
-    out = [Failure(r["id"], "read", "undecodable_text", r[TEXT_ERROR]) for r in unreadable.to_pylist()]
-    return out + stage_failures("enrichment", enrichment) + stage_failures("embedding", embeddings)
+    return [Failure(r["id"], "read", "undecodable_text", r[TEXT_ERROR]) for r in unreadable.to_pylist()]
 
 
 def merge_results(dataset: DatasetConfig, enrichment: pa.Table, embeddings: pa.Table) -> pa.Table:

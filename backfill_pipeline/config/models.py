@@ -399,6 +399,12 @@ class DatasetConfig(_Model):
         "'trust' keeps them, 'redo' re-embeds them.",
     )
     read_batch_size: int = Field(default=2_000, gt=0)
+    rows_in_memory: int = Field(
+        default=2_000,
+        ge=100,
+        description="Rows a step holds at once (detection, provider calls, the write); a partition of any width "
+        "streams through the steps in windows of this many rows, so a run's memory does not grow with it.",
+    )
     write_batch_size: int = Field(default=1_000, gt=0)
     write_concurrency: int = Field(
         default=3, ge=1, le=16, description="Batches written at once, each on its own connection (Postgres)."

@@ -11,9 +11,10 @@ stage says only how to key, send, read and keep its answers (as pgai's ``Embedde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -92,6 +93,17 @@ def group_identical(keys: Sequence[str], wanted: Sequence[int]) -> dict[str, lis
     for i in wanted:
         groups.setdefault(keys[i], []).append(i)
     return groups
+
+
+def _break_cycles(*helpers: Callable[..., object]) -> None:
+    """The helpers of :func:`run_stage` refer to each other (and ``attempt`` to itself) through closure
+    cells: a cycle that would keep the call's texts and answers alive until a full garbage collection.
+    Emptying the cells that hold them lets a step working window after window hold one window's memory."""
+    for helper in helpers:
+        for cell in helper.__closure__ or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if any(cell.cell_contents is h for h in helpers):
+                    cell.cell_contents = None
 
 
 async def run_stage(
@@ -247,6 +259,7 @@ async def run_stage(
     finally:
         renewer.cancel()
         await claims.drop_all()  # what a stop left unsent is free for other runs at once
+        _break_cycles(run, reuse, attempt, send, follow, fail, record, settle)
     unsent = [i for i in range(n) if not settled[i]]
     marked = [dataclasses.replace(f, recorded=f.index in recorded) for f in failures]
     return StageResult(sorted(marked, key=lambda f: f.index), unsent)

@@ -3,8 +3,9 @@
 raw_rows -> detected_placeholders -> llm_enrichment -> embeddings -> written_table
 
 Every asset shares the dataset's partitions and retry policy; each is a thin wrapper over a plain
-function in :mod:`backfill_pipeline.steps`. Intermediate tables go through the Parquet IO manager, so a
-retried step reloads what upstream already computed and paid for.
+function in :mod:`backfill_pipeline.steps` or :mod:`backfill_pipeline.provider_steps`. Intermediate tables
+are spools (Parquet written and read in row groups) kept by the Parquet IO manager, so a retried step
+reloads what upstream already computed and paid for, and no step holds a whole partition in memory.
 """
 
 from collections.abc import Callable, Iterator
@@ -12,14 +13,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-import pyarrow as pa
 from pydantic import Field
 
-from .. import steps, stopping
+from .. import provider_steps, steps, stopping
 from ..config import ConfigError, DatasetConfig
 from ..engine import FatalProviderError
 from ..leases import Lease, fresh_within
 from ..redact import mask_secrets
+from ..spool import Spool
 from ..stores import SchemaError
 from .resources import DatabaseResource, DatasetResources, ResourceKeys
 
@@ -41,17 +42,22 @@ class DetectionConfig(dg.Config):
 
 
 @contextmanager
-def step_boundary(context: dg.AssetExecutionContext, stage: str, last: bool = False) -> Iterator[None]:
+def step_boundary(
+    context: dg.AssetExecutionContext, stage: str, last: bool = False, inputs: tuple[Spool, ...] = ()
+) -> Iterator[None]:
     """Around each step: a first Ctrl+C or SIGTERM (a run terminated from the UI) asks for a graceful stop
     (see :mod:`backfill_pipeline.stopping`), which ends the run after this step unless it is the ``last``;
     a table that does not fit the config, a missing key or an unknown model will not be fixed by a retry:
-    fail at once, with the one-line message."""
+    fail at once, with the one-line message. Scratch copies of the ``inputs`` are deleted after it."""
     stopping.enter_run(context.run.run_id)
     try:
         with stopping.graceful_signals():
             yield
     except (SchemaError, ConfigError, FatalProviderError) as exc:
         raise dg.Failure(description=mask_secrets(f"{stage}: {exc}"), allow_retries=False) from None
+    finally:
+        for spool in inputs:
+            spool.discard()
     if stopping.requested() and not last:
         end_run_canceled(context)
 
@@ -68,6 +74,12 @@ def end_run_canceled(context: dg.AssetExecutionContext) -> None:
         "left for the next run",
         allow_retries=False,
     )
+
+
+def spool_output(out: steps.StepResult) -> dg.Output[Spool]:
+    if out.table is None:
+        raise TypeError("a step that feeds another returned no table")
+    return dg.Output(out.table, metadata=out.metadata)
 
 
 def partition_lease(context: dg.AssetExecutionContext, dataset: DatasetConfig, database: DatabaseResource) -> Lease:
@@ -125,12 +137,12 @@ def build_dataset_assets(
         description=f"The rows of {dataset.table} in this partition: id, text fields, the stored embedding, "
         "content hash, model and enrichment, read in batches.",
     )
-    def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[pa.Table]:
+    def raw_rows(context: dg.AssetExecutionContext, config: RawRowsConfig) -> dg.Output[Spool]:
         database = res(context).database
         with step_boundary(context, "raw_rows"), database.open(dataset) as store:
             lease = partition_lease(context, dataset, database)
             out = steps.read_rows(store, dataset, lease, context.log, migrate=config.migrate)
-        return dg.Output(out.table, metadata=out.metadata)
+        return spool_output(out)
 
     @asset(
         "detected_placeholders",
@@ -142,9 +154,10 @@ def build_dataset_assets(
         "constant, zero), non-finite, stale text, other model, missing enrichment, no text, or ok.",
     )
     def detected_placeholders(
-        context: dg.AssetExecutionContext, config: DetectionConfig, raw_rows: pa.Table
-    ) -> dg.Output[pa.Table]:
-        with step_boundary(context, "detected_placeholders"), res(context).database.open(dataset) as store:
+        context: dg.AssetExecutionContext, config: DetectionConfig, raw_rows: Spool
+    ) -> dg.Output[Spool]:
+        database = res(context).database
+        with step_boundary(context, "detected_placeholders", inputs=(raw_rows,)), database.open(dataset) as store:
             out = steps.detect_rows(
                 store,
                 dataset,
@@ -154,7 +167,7 @@ def build_dataset_assets(
                 requeue_failed=config.requeue_failed,
                 limit=config.limit,
             )
-        return dg.Output(out.table, metadata=out.metadata)
+        return spool_output(out)
 
     @asset(
         "llm_enrichment",
@@ -166,17 +179,17 @@ def build_dataset_assets(
         description="Skills, seniority and a summary for each row that needs them, validated against the "
         "schema; a row whose answer fails is recorded with its message and never stops the partition.",
     )
-    def llm_enrichment(context: dg.AssetExecutionContext, detected_placeholders: pa.Table) -> dg.Output[pa.Table]:
+    def llm_enrichment(context: dg.AssetExecutionContext, detected_placeholders: Spool) -> dg.Output[Spool]:
         r = res(context)
-        with step_boundary(context, "enrichment"):
-            out = steps.enrich_rows(
+        with step_boundary(context, "enrichment", inputs=(detected_placeholders,)):
+            out = provider_steps.enrich_rows(
                 partition_lease(context, dataset, r.database),
                 dataset,
                 detected_placeholders,
                 lambda: r.enrichment_provider(dataset),
                 context.log,
             )
-        return dg.Output(out.table, metadata=out.metadata)
+        return spool_output(out)
 
     @asset(
         "embeddings",
@@ -190,11 +203,11 @@ def build_dataset_assets(
         f"{dataset.embedding.model} for each row that needs one, embedded in batches.",
     )
     def embeddings(
-        context: dg.AssetExecutionContext, detected_placeholders: pa.Table, llm_enrichment: pa.Table
-    ) -> dg.Output[pa.Table]:
+        context: dg.AssetExecutionContext, detected_placeholders: Spool, llm_enrichment: Spool
+    ) -> dg.Output[Spool]:
         r = res(context)
-        with step_boundary(context, "embeddings"):
-            out = steps.embed_rows(
+        with step_boundary(context, "embeddings", inputs=(detected_placeholders, llm_enrichment)):
+            out = provider_steps.embed_rows(
                 partition_lease(context, dataset, r.database),
                 dataset,
                 detected_placeholders,
@@ -202,7 +215,7 @@ def build_dataset_assets(
                 lambda: r.embedding_provider(dataset),
                 context.log,
             )
-        return dg.Output(out.table, metadata=out.metadata)
+        return spool_output(out)
 
     @asset(
         "written_table",
@@ -216,12 +229,13 @@ def build_dataset_assets(
     )
     def written_table(
         context: dg.AssetExecutionContext,
-        detected_placeholders: pa.Table,
-        llm_enrichment: pa.Table,
-        embeddings: pa.Table,
+        detected_placeholders: Spool,
+        llm_enrichment: Spool,
+        embeddings: Spool,
     ) -> dg.MaterializeResult:
         database = res(context).database
-        with step_boundary(context, "written_table", last=True), database.open(dataset) as store:
+        inputs = (detected_placeholders, llm_enrichment, embeddings)
+        with step_boundary(context, "written_table", last=True, inputs=inputs), database.open(dataset) as store:
             out = steps.write_rows(
                 store,
                 dataset,

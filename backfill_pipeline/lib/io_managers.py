@@ -7,16 +7,22 @@ that produced it, which for a re-execution is the parent run, and otherwise from
 latest materialization of that asset partition.
 
 Written by hand rather than on ``dg.UPathIOManager`` because that class derives one path per asset
-partition, with no room for the run.
+partition, with no room for the run. Outputs arrive as :class:`~backfill_pipeline.spool.Spool` files the
+step wrote a batch at a time and are copied in as bytes; inputs are handed over as spools (a remote file is
+first copied to a scratch file), so no step holds a whole partition in memory.
 """
 
 import os
+import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
+
+from ..spool import Spool, scratch_path
 
 PATH_METADATA_KEY = "parquet_path"
 
@@ -33,16 +39,21 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _dir(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> UPath:
         return self._root(instance).joinpath(*asset_key.path, partition or "__unpartitioned__")
 
-    def handle_output(self, context: dg.OutputContext, obj: pa.Table) -> None:
-        if not isinstance(obj, pa.Table):
-            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not a pyarrow Table")
+    def handle_output(self, context: dg.OutputContext, obj: pa.Table | Spool) -> None:
+        if not isinstance(obj, pa.Table | Spool):
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not a pyarrow Table or Spool"
+            )
         partition = context.partition_key if context.has_partition_key else None
         folder = self._dir(context.step_context.instance, context.asset_key, partition)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{context.run_id}.parquet"
         tmp = folder / f".{context.run_id}.parquet.tmp"
-        with tmp.open("wb") as handle:
-            pq.write_table(obj, handle, compression="zstd")
+        if isinstance(obj, Spool):
+            _store_spool(obj, tmp)
+        else:
+            with tmp.open("wb") as handle:
+                pq.write_table(obj, handle, compression="zstd")
         tmp.rename(path)  # readers never see half a file
         self._prune(folder, keep=path)
         relative = "/".join([*context.asset_key.path, partition or "__unpartitioned__", path.name])
@@ -58,7 +69,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             except (FileNotFoundError, NotImplementedError):
                 continue
 
-    def load_input(self, context: dg.InputContext) -> pa.Table:
+    def load_input(self, context: dg.InputContext) -> Spool:
         asset_key = context.asset_key
         partition = context.asset_partition_key if context.has_asset_partitions else None
         instance = context.instance
@@ -96,11 +107,38 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         return self._root(instance).joinpath(*recorded.split("/"))
 
 
-def _read_if_there(path: UPath) -> pa.Table | None:
-    """The table, or None when the file is not there (asked by reading: an object store client's cached
-    listing may still show a file that is gone)."""
+_CHUNK = 8 << 20
+
+
+def _store_spool(spool: Spool, target: UPath) -> None:
+    """The step's spool file becomes the stored intermediate: moved when it is on the same local disk,
+    else copied through a buffer (any filesystem), never read whole."""
+    if spool.owned and _is_local(target):
+        try:
+            os.replace(spool.path, target.path)
+            return
+        except OSError:  # another device: copy
+            pass
+    with open(spool.path, "rb") as source, target.open("wb") as handle:
+        shutil.copyfileobj(source, handle, _CHUNK)
+    spool.discard()
+
+
+def _is_local(path: UPath) -> bool:
+    return path.protocol in ("", "file", "local")
+
+
+def _read_if_there(path: UPath) -> Spool | None:
+    """The stored table as a spool (a remote one copied to a scratch file first), or None when the file is
+    not there (asked by reading: an object store client's cached listing may still show a file that is gone)."""
+    if _is_local(path):
+        local = Path(path.path)
+        return Spool(local) if local.is_file() else None
+    copy = scratch_path()
     try:
-        with path.open("rb") as handle:
-            return pq.read_table(handle)
+        with path.open("rb") as source, open(copy, "wb") as target:
+            shutil.copyfileobj(source, target, _CHUNK)
     except FileNotFoundError:
+        copy.unlink(missing_ok=True)
         return None
+    return Spool(copy, owned=True)

