@@ -3,18 +3,20 @@
 For each size (default 1,000 / 10,000 / 100,000 rows), a table of ~2 KB texts with no embeddings in a
 Postgres 16 + pgvector of its own (``vector(1536)``), one partition holding every row, embedding only
 (``text-embedding-3-small`` at 1,536 dimensions on the loopback OpenAI-wire server, no limits). The run
-is launched the way a user would (``backfill-pipeline materialize``, the whole graph in one process) and
-its peak RSS is read from the kernel when it exits (``wait4``'s ``ru_maxrss``).
+is launched the way a user would (``backfill-pipeline materialize``, the whole graph in one process), through
+``bench/rss_sampler.py``, which reads the kernel's peak RSS of that process as it exits (``VmHWM``) and
+samples RSS against the step running (``--steps`` prints each step's peak).
 
 It prints each size's peak, time and rate, and the ratio of the widest partition's peak to the
 narrowest's (target: under 1 GiB at 100,000 rows, within 20% of the 1,000-row figure).
 
-usage: python bench/memory_curve.py [--sizes 1000,10000,100000] [--dim 1536] [--rows-in-memory N]
+usage: python bench/memory_curve.py [--sizes 1000,10000,100000] [--dim 1536] [--rows-in-memory N] [--steps]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import subprocess
@@ -32,10 +34,35 @@ sys.path.insert(0, str(ROOT))
 from backfill_pipeline_tests.fake_providers import OPENAI_KEY, FakeProviderServer  # noqa: E402
 from backfill_pipeline_tests.pg import OwnedCluster, create_database  # noqa: E402
 
-WORDS = (
-    "the court held that contract party claim appeal section act liability damages notice evidence tribunal "
-    "plaintiff defendant agreement clause statute ruling judgment payment property lease employer employee"
-).split()
+WORDS = [
+    "the",
+    "court",
+    "held",
+    "that",
+    "contract",
+    "party",
+    "claim",
+    "appeal",
+    "section",
+    "act",
+    "liability",
+    "damages",
+    "notice",
+    "evidence",
+    "tribunal",
+    "plaintiff",
+    "defendant",
+    "agreement",
+    "clause",
+    "statute",
+    "ruling",
+    "judgment",
+    "payment",
+    "property",
+    "lease",
+    "employer",
+    "employee",
+]
 
 
 def load(url: str, rows: int, dim: int, chars: int) -> None:
@@ -69,18 +96,13 @@ def config(url: str, server: FakeProviderServer, rows: int, dim: int, in_memory:
     return {"datasets": {"docs": dataset}}
 
 
-def peak_rss(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(peak RSS in MiB, seconds, exit status) of one command, read from the kernel as it exits."""
+def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """(seconds, exit status) of one command, its output dropped (its errors shown if it fails)."""
     started = time.perf_counter()
-    with open(os.devnull, "wb") as quiet:
-        child = subprocess.Popen(command, env=env, stdout=quiet, stderr=subprocess.PIPE)
-        assert child.stderr is not None
-        errors = child.stderr.read()
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        sys.stderr.write(errors.decode(errors="replace")[-3000:])
-    return usage.ru_maxrss / 1024, time.perf_counter() - started, child.returncode
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if done.returncode:
+        sys.stderr.write(done.stderr.decode(errors="replace")[-3000:])
+    return time.perf_counter() - started, done.returncode
 
 
 def main() -> None:
@@ -90,6 +112,7 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=2000, help="characters per text")
     parser.add_argument("--rows-in-memory", type=int, default=None, help="the dataset setting (default: its own)")
     parser.add_argument("--memray", metavar="FOLDER", help="also record each run with memray (pip install memray)")
+    parser.add_argument("--steps", action="store_true", help="sample RSS every 50 ms: each step's peak")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -103,7 +126,8 @@ def main() -> None:
             url = create_database(cluster.url(), extensions=("vector",))
             load(url, rows, args.dim, args.chars)
             (work / "home").mkdir()
-            (work / "backfill.yaml").write_text(yaml.safe_dump(config(url, server, rows, args.dim, args.rows_in_memory)))
+            settings = config(url, server, rows, args.dim, args.rows_in_memory)
+            (work / "backfill.yaml").write_text(yaml.safe_dump(settings))
             env = {
                 **os.environ,
                 "BACKFILL_CONFIG": str(work / "backfill.yaml"),
@@ -112,23 +136,29 @@ def main() -> None:
             }
             for step in ("migrate", "register"):
                 subprocess.run([cli, step], env=env, check=True, capture_output=True)
-            command = [cli, "materialize", "--yes"]
+            steps_file = work / "steps.json"
+            command = [sys.executable, str(ROOT / "bench" / "rss_sampler.py"), "materialize", "--yes"]
+            env["RSS_STEPS"] = str(steps_file)
             if args.memray:
                 memray = Path(sys.executable).parent / "memray"
-                command = [str(memray), "run", "--force", "-o", f"{args.memray}/{rows}.bin", cli, *command[1:]]
-            mib, seconds, status = peak_rss(command, env)
+                command = [str(memray), "run", "--force", "-o", f"{args.memray}/{rows}.bin", *command[1:]]
+            seconds, status = run(command, env)
             if status:
                 raise SystemExit(f"the run of {rows:,} rows failed (exit {status})")
             with psycopg.connect(url) as conn:
                 done = conn.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL").fetchone()[0]
             if done != rows:
                 raise SystemExit(f"only {done:,} of {rows:,} rows embedded")
+            peaks = json.loads(steps_file.read_text())
+            mib = peaks.pop("peak RSS (VmHWM)")
             figures.append((rows, mib, seconds))
             print(
                 f"{rows:>9,} rows x {args.dim} dims, ~{args.chars:,}-char texts: peak RSS {mib:,.0f} MiB, "
                 f"{seconds:.1f}s ({rows / seconds:,.0f} rows/s end to end, start-up included)",
                 flush=True,
             )
+            if args.steps:
+                print("    peak by step: " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in peaks.items()), flush=True)
     finally:
         server.stop()
         cluster.destroy()

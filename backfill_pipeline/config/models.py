@@ -400,7 +400,7 @@ class DatasetConfig(_Model):
     )
     read_batch_size: int = Field(default=2_000, gt=0)
     rows_in_memory: int = Field(
-        default=2_000,
+        default=1_000,
         ge=100,
         description="Rows a step holds at once (detection, provider calls, the write); a partition of any width "
         "streams through the steps in windows of this many rows, so a run's memory does not grow with it.",
