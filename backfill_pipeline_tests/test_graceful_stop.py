@@ -29,6 +29,7 @@ def _slow_dataset(
     server,
     width: int,
     latency: float = 0.05,
+    **dataset: object,
 ) -> tuple[dict, dg.DagsterInstance, list[str]]:
     """Partitions of ``width`` rows, a chat model slow enough to stop mid-enrichment, and leases of two
     minutes, so a partition free at once afterwards shows the lease was released, not expired."""
@@ -37,6 +38,7 @@ def _slow_dataset(
     jobs["partitioning"]["width"] = width
     jobs["enrichment"]["max_in_flight"] = 4
     jobs["lease_seconds"] = 120
+    jobs.update(dataset)
     server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=latency)
     path, config = setup(tmp_path, data, monkeypatch)
     home = tmp_path / "home"
@@ -95,6 +97,27 @@ def test_ctrl_c_writes_what_was_paid_for_and_cancels_the_run(demo_db, tmp_path, 
     assert f"{key}: ok," in out
     assert server.repeated_texts("chat") == 0
     assert query(demo_db, PENDING)[0][0] == 0
+
+
+def test_ctrl_c_between_windows_writes_the_finished_windows(demo_db, tmp_path, monkeypatch, server) -> None:
+    """A partition streamed in windows of 100 rows, stopped in its second window: the first window and what the
+    second was paid for are written, the windows not yet begun are not sent, and the next run pays for none twice."""
+    env, instance, [key] = _slow_dataset(demo_db, tmp_path, monkeypatch, server, width=1000, rows_in_memory=100)
+    proc = _materialize(env)
+    _wait_for_answers(server, 130)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"{key}: STOPPED" in out, out + err[-3000:]
+    written = int(re.search(r"STOPPED .*?, (\d+) rows written", out).group(1))
+    assert 130 <= written < 200 and query(demo_db, ENRICHED_HERE)[0][0] == written, out  # window 1, part of 2
+    assert _asked(server) <= 200  # nothing of the third window was sent
+    assert query(demo_db, PENDING)[0][0] > 0
+    _no_retries_or_orphans(instance)
+
+    again = _materialize(env)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0 and f"{key}: ok," in out, out + err[-3000:]
+    assert server.repeated_texts("chat") == 0 and query(demo_db, PENDING)[0][0] == 0
 
 
 def test_sigterm_stops_parallel_workers_and_a_second_one_stops_at_once(demo_db, tmp_path, monkeypatch, server) -> None:
