@@ -2,8 +2,9 @@
 
 Each request reserves its cost (one request, its tokens) from a budget kept in the database or Redis
 with the generic cell rate algorithm, then waits until its slot comes. The shared state makes the budget
-hold across partitions running at once in separate processes. On top, each process slows down when the
-server answers 429 or reports it is out of budget (``x-ratelimit-*`` headers), and speeds up again.
+hold across partitions running at once in separate processes. On top, each process reads the server's
+``x-ratelimit-*`` headers (its limits, and the burst its bucket allows), waits when they say the budget is
+spent, and slows down when the server answers 429, then speeds up again.
 
 Written here rather than with a library: the usual Python limiters (aiolimiter, limits, pyrate-limiter)
 either keep their state in one process or cannot reserve a token cost that is known only per request.
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import RateLimitSpec
-from .stores.base import Ledger
+from .stores.base import Floors, Ledger
 
 
 class BudgetBackend(Protocol):
-    def reserve(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float: ...
+    def reserve(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float: ...
 
 
 class LocalBudget:
@@ -33,12 +36,14 @@ class LocalBudget:
         self._state: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def reserve(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+    def reserve(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
         with self._lock:
             now = time.time()
             request_tat, token_tat = self._state.get(key, (now, now))
-            request_tat = max(request_tat, now) + request_seconds
-            token_tat = max(token_tat, now) + token_seconds
+            request_tat = max(request_tat, now + floors[0]) + request_seconds
+            token_tat = max(token_tat, now + floors[1]) + token_seconds
             self._state[key] = (request_tat, token_tat)
         return max(0.0, request_tat - now - burst_seconds, token_tat - now - burst_seconds)
 
@@ -49,15 +54,17 @@ class StoreBudget:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    def reserve(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
-        return self.ledger.reserve_budget(key, request_seconds, token_seconds, burst_seconds)
+    def reserve(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
+        return self.ledger.reserve_budget(key, request_seconds, token_seconds, burst_seconds, floors)
 
 
 _RESERVE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local r = math.max(tonumber(redis.call('HGET', KEYS[1], 'r') or now), now) + tonumber(ARGV[1])
-local k = math.max(tonumber(redis.call('HGET', KEYS[1], 't') or now), now) + tonumber(ARGV[2])
+local r = math.max(tonumber(redis.call('HGET', KEYS[1], 'r') or now), now + tonumber(ARGV[4])) + tonumber(ARGV[1])
+local k = math.max(tonumber(redis.call('HGET', KEYS[1], 't') or now), now + tonumber(ARGV[5])) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(k))
 redis.call('EXPIRE', KEYS[1], 3600)
 return tostring(math.max(0, r - now - tonumber(ARGV[3]), k - now - tonumber(ARGV[3])))
@@ -73,10 +80,11 @@ class RedisBudget:
         self._client = redis.Redis.from_url(url)
         self._script = self._client.register_script(_RESERVE_LUA)
 
-    def reserve(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
-        return float(
-            self._script(keys=[f"backfill:budget:{key}"], args=[request_seconds, token_seconds, burst_seconds])
-        )
+    def reserve(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
+        args = [request_seconds, token_seconds, burst_seconds, *floors]
+        return float(self._script(keys=[f"backfill:budget:{key}"], args=args))
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -97,25 +105,59 @@ def parse_reset(value: str | None) -> float | None:
 
 @dataclass
 class RateSignals:
-    """What a response said about the budget."""
+    """What a response said about the budget (OpenAI's ``x-ratelimit-*`` headers, in the server's units)."""
 
     remaining_requests: int | None = None
     remaining_tokens: int | None = None
     reset_requests: float | None = None
     reset_tokens: float | None = None
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+
+
+MAX_LEARNED_BURST_SECONDS = 60.0  # OpenAI's buckets hold a minute; nothing larger is believed
+_MARGIN_SECONDS = 0.25  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
 
 
 class RateLimiter:
-    """Paces one provider model's requests within its budget."""
+    """Paces one provider model's requests within its budget.
 
-    def __init__(self, backend: BudgetBackend, key: str, limits: RateLimitSpec, burst_seconds: float = 1.0):
-        self.backend, self.key, self.limits, self.burst = backend, key, limits, burst_seconds
+    The limits are the configured ones, lowered to what the server's headers announce (``x-ratelimit-limit-*``),
+    or taken from the headers when none is configured. The burst (how far ahead of the steady rate requests
+    may go) is ``burst_seconds`` when configured; otherwise it starts at 1 s and follows what the server shows
+    it holds (``remaining + this request``, a lower bound of its bucket), halved by each 429. A request costing
+    more than the burst waits until the ones before it are paid for, as a full bucket is what admits it.
+    """
+
+    def __init__(self, backend: BudgetBackend, key: str, limits: RateLimitSpec, burst_seconds: float | None = None):
+        self.backend, self.key, self.limits = backend, key, limits
+        self.fixed_burst = burst_seconds is not None
+        self.burst = burst_seconds if burst_seconds is not None else 1.0
         self.multiplier = 1.0
         self._paused_until = 0.0
+        self._learned_rpm: int | None = None
+        self._learned_tpm: int | None = None
+        self._burst_ceiling = MAX_LEARNED_BURST_SECONDS  # lowered by a 429: a burst refused is not tried again
+        self._debt: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (requests, tokens) in seconds, when seen
+
+    @property
+    def requests_per_minute(self) -> int | None:
+        return _lowest(self.limits.requests_per_minute, self._learned_rpm)
+
+    @property
+    def tokens_per_minute(self) -> int | None:
+        return _lowest(self.limits.tokens_per_minute, self._learned_tpm)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.limits.requests_per_minute or self.limits.tokens_per_minute)
+        return bool(self.requests_per_minute or self.tokens_per_minute)
+
+    def costs(self, tokens: int) -> tuple[float, float]:
+        """Seconds of the request budget and of the token budget that one request of ``tokens`` uses."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        request_seconds = 60.0 / (rpm * self.multiplier) if rpm else 0.0
+        token_seconds = 60.0 * tokens / (tpm * self.multiplier) if tpm else 0.0
+        return request_seconds, token_seconds
 
     async def acquire(self, tokens: int) -> None:
         if not self.enabled:
@@ -123,26 +165,72 @@ class RateLimiter:
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
-        rpm, tpm = self.limits.requests_per_minute, self.limits.tokens_per_minute
-        request_seconds = 60.0 / (rpm * self.multiplier) if rpm else 0.0
-        token_seconds = 60.0 * tokens / (tpm * self.multiplier) if tpm else 0.0
-        delay = await asyncio.to_thread(self.backend.reserve, self.key, request_seconds, token_seconds, self.burst)
+        request_seconds, token_seconds = self.costs(tokens)
+        burst = max(self.burst, request_seconds, token_seconds) - _MARGIN_SECONDS
+        request_debt, token_debt, seen = self._debt
+        since = time.monotonic() - seen
+        floors = (max(0.0, request_debt - since), max(0.0, token_debt - since))
+        delay = await asyncio.to_thread(self.backend.reserve, self.key, request_seconds, token_seconds, burst, floors)
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def on_success(self, signals: RateSignals | None = None, next_tokens: int = 0) -> None:
+    def on_success(self, signals: RateSignals | None = None, tokens: int = 0, next_tokens: int = 0) -> None:
+        """A response came: speed up again after 429s, and learn from its headers (``tokens``: what this
+        request cost, ``next_tokens``: what the next one will)."""
         self.multiplier = min(1.0, self.multiplier * 1.02)
         if signals is None:
             return
-        if signals.remaining_requests == 0 and signals.reset_requests:
-            self.pause(signals.reset_requests)
-        if signals.remaining_tokens is not None and signals.remaining_tokens < next_tokens and signals.reset_tokens:
-            self.pause(signals.reset_tokens)
+        self._learned_rpm = signals.limit_requests or self._learned_rpm
+        self._learned_tpm = signals.limit_tokens or self._learned_tpm
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        if not self.fixed_burst:
+            self._learn_burst(signals, rpm, tpm, tokens)
+        # The server's bucket as its headers show it: what it lacks of a full bucket is a debt the shared
+        # budget must carry (it does, unless another client spends the same account or the server meters
+        # more than estimated here). Paced dimensions take it as a floor of their next reservation, so it
+        # is never counted twice; a dimension with no known limit can only wait.
+        debts = [0.0, 0.0]
+        for i, (limit, remaining, reset) in enumerate(
+            [
+                (rpm, signals.remaining_requests, signals.reset_requests),
+                (tpm, signals.remaining_tokens, signals.reset_tokens),
+            ]
+        ):
+            if remaining is None:
+                continue
+            if limit:
+                debts[i] = self.burst - 60.0 * remaining / limit
+            elif remaining < (1 if i == 0 else next_tokens):
+                self.pause(reset or 0.0)
+        if max(debts) > 0:
+            self._debt = (debts[0], debts[1], time.monotonic())
+
+    def _learn_burst(self, signals: RateSignals, rpm: int | None, tpm: int | None, tokens: int) -> None:
+        held: list[float] = []  # seconds of budget the server's bucket holds at least, per dimension
+        if rpm and signals.remaining_requests:
+            held.append(60.0 * (signals.remaining_requests + 1) / rpm)
+        if tpm and signals.remaining_tokens:
+            held.append(60.0 * (signals.remaining_tokens + tokens) / tpm)
+        if held:
+            self.burst = max(self.burst, min(min(held), self._burst_ceiling))
+
+    def request_token_cap(self) -> int | None:
+        """The most tokens one request should carry: half the burst, so that requests never wait for a
+        full bucket (which a late arrival turns into a 429) and the budget stays even."""
+        tpm = self.tokens_per_minute
+        return max(1, int(tpm / 60 * self.burst / 2)) if tpm else None
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         self.multiplier = max(0.25, self.multiplier * 0.7)
+        if not self.fixed_burst:
+            self.burst = max(0.5, self.burst / 2)
+            self._burst_ceiling = self.burst
         if retry_after:
             self.pause(retry_after)
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+def _lowest(configured: int | None, announced: int | None) -> int | None:
+    return min(configured, announced) if configured and announced else configured or announced

@@ -41,6 +41,7 @@ class ModelLimits:
     tokens_per_minute: float | None = None
     latency_seconds: float = 0.0
     burst_seconds: float = 2.0  # how much of a minute's budget may arrive at once
+    meter: str = "tokens"  # or "characters": OpenAI's way, a request's characters / 4 against the token budget
 
 
 class _Bucket:
@@ -432,7 +433,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._gemini_generate(path.split("/")[-1].split(":")[0], body)
         self._error("unknown", 404, f"no route {path}", False)
 
-    def _common(self, route: str, model: str, texts: list[str], tokens: int, gemini: bool) -> dict | None:
+    def _common(
+        self, route: str, model: str, texts: list[str], tokens: int, gemini: bool, characters: int | None = None
+    ) -> dict | None:
         server = self.server_ref
         if server.keep_bodies:
             server.stats.bodies.append((route, self._last_body))
@@ -449,6 +452,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if self._fault(route, gemini):
             return None
+        limits = server.limits.get(model)
+        if limits is not None and limits.meter == "characters":
+            tokens = -(-(characters if characters is not None else sum(len(t) for t in texts)) // 4)
         admitted, wait, headers = server.admit(route, model, tokens)
         if not admitted:
             headers["retry-after"] = f"{max(wait, 0.05):.2f}"
@@ -511,7 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
         model = body.get("model", "")
         user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
         tokens = sum(len(_ENCODING.encode_ordinary(m.get("content") or "")) + 4 for m in body.get("messages", []))
-        headers = self._common("chat", model, [user], tokens, False)
+        characters = sum(len(m.get("content") or "") for m in body.get("messages", []))
+        headers = self._common("chat", model, [user], tokens, False, characters)
         if headers is None:
             return
         content = _answer_content(user)

@@ -135,16 +135,20 @@ def test_redis_cache_round_trip(redis_url) -> None:
     assert found == {key: b"paid"} and 29 * 86400 < ttl <= 30 * 86400
 
 
-def test_headers_saying_the_budget_is_spent_pause_the_limiter() -> None:
-    limiter = RateLimiter(LocalBudget(), "h", RateLimitSpec(requests_per_minute=60_000), burst_seconds=10)
-    limiter.on_success(RateSignals(remaining_requests=0, reset_requests=0.4), next_tokens=10)
+def test_headers_saying_the_budget_is_spent_pause_for_what_is_missing() -> None:
+    """No request left: wait one request's share of the minute (not the bucket's full reset). Too few
+    tokens left for the next request: wait for the missing ones to refill."""
+    limiter = RateLimiter(
+        LocalBudget(), "h", RateLimitSpec(requests_per_minute=150, tokens_per_minute=6000), burst_seconds=10
+    )
+    limiter.on_success(RateSignals(remaining_requests=0, reset_requests=30.0), next_tokens=10)
     started = time.monotonic()
     asyncio.run(limiter.acquire(10))
-    assert time.monotonic() - started >= 0.35
-    limiter.on_success(RateSignals(remaining_requests=50, remaining_tokens=5, reset_tokens=0.3), next_tokens=100)
+    assert 0.35 <= time.monotonic() - started < 2  # 60 / 150 = 0.4 s, not the 30 s reset
+    limiter.on_success(RateSignals(remaining_requests=50, remaining_tokens=40, reset_tokens=60.0), next_tokens=100)
     started = time.monotonic()
     asyncio.run(limiter.acquire(100))
-    assert time.monotonic() - started >= 0.25
+    assert 0.55 <= time.monotonic() - started < 2  # 60 missing tokens at 100 tokens/s
 
 
 def test_429_slows_down_then_speeds_up_again() -> None:

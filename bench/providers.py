@@ -7,7 +7,9 @@ pipeline is launched the way a user would: ``backfill-pipeline register`` then
 
 It prints:
 - the ceiling those limits allow for the tokens actually sent (per model: max(requests / RPM,
-  tokens / TPM) minutes; the slowest model bounds the whole run, since stages and partitions overlap),
+  tokens / TPM) minutes less the server's 2 s bucket, which a full bucket admits at once; tokens metered
+  by the server as OpenAI does, characters / 4; the slowest model bounds the whole run, since stages and
+  partitions overlap),
   the rate reached, and the share of requests answered 429;
 - a baseline written like the seeds (one row at a time: one enrichment call, one embedding call, one
   UPDATE, no sleep) on the first 100 rows, same server, same run, and the speed-up over it;
@@ -41,9 +43,11 @@ from backfill_pipeline_tests.fake_providers import OPENAI_KEY, FakeProviderServe
 from backfill_pipeline_tests.pg import OwnedCluster, create_database  # noqa: E402
 
 CHAT, EMBED = "gpt-4o-mini", "text-embedding-3-small"
-LIMITS = {
-    CHAT: ModelLimits(requests_per_minute=5000, tokens_per_minute=4_000_000, latency_seconds=0.4),
-    EMBED: ModelLimits(requests_per_minute=5000, tokens_per_minute=5_000_000, latency_seconds=0.15),
+LIMITS = {  # metered as OpenAI does (characters / 4), in buckets of 2 s of budget (the server's default)
+    CHAT: ModelLimits(requests_per_minute=5000, tokens_per_minute=4_000_000, latency_seconds=0.4, meter="characters"),
+    EMBED: ModelLimits(
+        requests_per_minute=5000, tokens_per_minute=5_000_000, latency_seconds=0.15, meter="characters"
+    ),
 }
 SKILLSPAN = ROOT.parent / "shared" / "data" / "skillspan" / "postings.jsonl"
 
@@ -208,12 +212,16 @@ def main() -> None:
         bound = 0.0
         for model, (requests, tokens) in sorted(totals.items()):
             limits = LIMITS[model]
-            minutes = max(requests / limits.requests_per_minute, tokens / limits.tokens_per_minute)
+            assert limits.requests_per_minute and limits.tokens_per_minute
+            held = limits.burst_seconds / 60  # the server's full bucket admits this much of a minute at once
+            minutes = max(
+                requests / limits.requests_per_minute - held, tokens / limits.tokens_per_minute - held, 0.0
+            )
             bound = max(bound, minutes)
             print(
-                f"  {model}: {requests:,} requests, {tokens:,} tokens sent -> at least {minutes * 60:.1f}s at "
+                f"  {model}: {requests:,} requests, {tokens:,} tokens metered -> at least {minutes * 60:.1f}s at "
                 f"{limits.requests_per_minute:,.0f} RPM / {limits.tokens_per_minute:,.0f} TPM "
-                f"(max(requests/RPM, tokens/TPM))"
+                f"(max(requests/RPM, tokens/TPM) less the {limits.burst_seconds:g} s bucket)"
             )
         ceiling = args.rows / (bound * 60)
         print(

@@ -355,7 +355,12 @@ class RateLimiterSpec(_Model):
 
     backend: Literal["database", "redis", "local"] = "database"
     redis_url: str | EnvRef | None = None
-    burst_seconds: float = Field(default=1.0, gt=0, description="How much budget may be spent at once.")
+    burst_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How many seconds of budget may be spent at once. Unset: 1 s at first, then what the "
+        "server's x-ratelimit-remaining-* headers show its bucket holds (at most 60 s), halved by a 429.",
+    )
 
     @model_validator(mode="after")
     def _redis_url(self) -> RateLimiterSpec:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -125,7 +125,7 @@ async def call_with_retries(
             except Exception as exc:  # noqa: BLE001 - unexpected errors are treated as transient
                 error = ProviderError(f"{type(exc).__name__}: {exc}", "transient")
             else:
-                policy.limiter.on_success(provider.last_signals, tokens)
+                policy.limiter.on_success(provider.last_signals, tokens=tokens, next_tokens=tokens)
                 return answer, attempt
         if error.kind == "fatal":
             raise FatalProviderError(f"{provider.name} {provider.model}: {error_message(error)}") from None
@@ -163,7 +163,9 @@ async def finish_or_stop(work: asyncio.Future, policy: CallPolicy) -> None:
     work.result()  # a fatal provider error stops the step
 
 
-def batches(indices: Sequence[int], tokens: Sequence[int], max_inputs: int, max_tokens: int | None) -> list[list[int]]:
+def batches(
+    indices: Sequence[int], tokens: Sequence[int] | Mapping[int, int], max_inputs: int, max_tokens: int | None
+) -> list[list[int]]:
     """Consecutive groups of at most ``max_inputs`` indices and ``max_tokens`` tokens."""
     out: list[list[int]] = []
     current: list[int] = []

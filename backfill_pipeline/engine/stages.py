@@ -199,7 +199,9 @@ async def run_stage(
                 provider,
                 lambda: stage.send([sent[i] for i in batch]),
                 inputs=len(batch),
-                tokens=stage.reserve(sum(tokens[i] for i in batch), len(batch)),
+                tokens=stage.reserve(
+                    provider.metered_tokens([sent[i] for i in batch], sum(tokens[i] for i in batch)), len(batch)
+                ),
                 policy=policy,
                 gate=gate,
             )
@@ -236,7 +238,12 @@ async def run_stage(
         await claims.drop([keys[i] for i in batch])
 
     async def send(rows: list[int]) -> None:
-        await asyncio.gather(*(run(b) for b in batches(rows, tokens, size, stage.max_batch_tokens)))
+        planned = batches(rows, tokens, size, stage.max_batch_tokens)
+        budget_cap = policy.limiter.request_token_cap()
+        if budget_cap is not None:  # and within the rate budget's own burst, as the server meters
+            metered = {i: provider.metered_tokens([sent[i]], tokens[i]) for i in rows}
+            planned = [part for batch in planned for part in batches(batch, metered, size, budget_cap)]
+        await asyncio.gather(*(run(b) for b in planned))
 
     async def follow(sending: asyncio.Future) -> None:
         """Texts another run is paying for: take its answer from the cache when it arrives, or pay for

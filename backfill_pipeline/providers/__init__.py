@@ -41,11 +41,16 @@ def build_enrichment_provider(spec: EnrichmentSpec, api_key: str | None = None) 
 
 
 def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
-    """Load what a provider builds once per process (the tokenizer), e.g. before forking workers."""
+    """Load what a provider builds once per process (its SDK, the tokenizer), e.g. before forking workers."""
     if spec.provider == "openai":
+        import openai.resources.chat  # noqa: F401 - the SDK's resources load on first use otherwise
+        import openai.resources.embeddings  # noqa: F401
+
         from .openai_provider import _encoding
 
         _encoding(spec.model)
+    if spec.provider == "gemini":
+        from . import gemini_provider  # noqa: F401
     if spec.provider == "local" and isinstance(spec, EmbeddingSpec):
         build_embedding_provider(spec).warm_up()  # type: ignore[attr-defined]
 

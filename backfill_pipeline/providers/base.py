@@ -123,6 +123,11 @@ class _Provider:
         """Texts as they will be sent (cut to the model's limit), their token counts, how many were cut."""
         return list(texts), [max(1, len(t) // 4) for t in texts], 0
 
+    def metered_tokens(self, texts: list[str], counted: int) -> int:
+        """What one request of ``texts`` (``counted`` tokens by the tokenizer) costs in the server's rate budget,
+        which providers meter in their own way."""
+        return counted
+
     async def preflight(self) -> str | None:  # noqa: B027 - optional hook
         """Check key, model and dimension, with a free call where the server has one, before the first paid
         one; return a note for the log when it checked less (or otherwise) than that."""

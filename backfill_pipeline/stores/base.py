@@ -29,6 +29,7 @@ CACHE_TABLE = "backfill_cache"
 CLAIM = "claim:"  # the cache table's keys for texts being paid for right now (see Ledger.cache_claim)
 BUDGET_TABLE = "backfill_rate_limits"
 BATCHES_TABLE = "backfill_batches"
+Floors = tuple[float, float]  # seconds after now below which the request and token times may not lie
 OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE, BATCHES_TABLE)
 
 
@@ -322,12 +323,15 @@ class Ledger(ABC):
         """Drop ``owner``'s claims on ``keys`` (answered, failed or abandoned)."""
 
     @abstractmethod
-    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+    def reserve_budget(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
         """Reserve one request's share of a per-minute budget shared by every process; return the wait.
 
         Generic cell rate algorithm: each budget keeps a theoretical arrival time per dimension
         (requests, tokens); a reservation moves it forward by the request's cost in seconds of budget,
-        and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now.
+        and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now. ``floors`` first
+        moves each time to at least that many seconds after now: the debt the server's headers showed.
         """
 
     # -- batches (mode: batch) ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .base import (
     LEASES_TABLE,
     BatchRecord,
     Failure,
+    Floors,
     Ledger,
     utc_now,
 )
@@ -201,7 +202,9 @@ class PostgresLedger(Ledger):
                 [[CLAIM + k for k in keys], owner.encode()],
             )
 
-    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+    def reserve_budget(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
         with self._side_lock:
             conn = self._side()
             conn.execute(
@@ -214,11 +217,18 @@ class PostgresLedger(Ledger):
             row = conn.execute(
                 sql.SQL(
                     "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS now) "
-                    "UPDATE {} AS b SET request_tat = greatest(b.request_tat, c.now) + %(req)s, "
-                    "token_tat = greatest(b.token_tat, c.now) + %(tok)s FROM c WHERE b.key = %(key)s "
+                    "UPDATE {} AS b SET request_tat = greatest(b.request_tat, c.now + %(rfloor)s) + %(req)s, "
+                    "token_tat = greatest(b.token_tat, c.now + %(tfloor)s) + %(tok)s FROM c WHERE b.key = %(key)s "
                     "RETURNING greatest(0, b.request_tat - c.now - %(burst)s, b.token_tat - c.now - %(burst)s)"
                 ).format(self.budget_table),
-                {"req": request_seconds, "tok": token_seconds, "key": key, "burst": burst_seconds},
+                {
+                    "req": request_seconds,
+                    "tok": token_seconds,
+                    "key": key,
+                    "burst": burst_seconds,
+                    "rfloor": floors[0],
+                    "tfloor": floors[1],
+                },
             ).fetchone()
         return float(row[0]) if row else 0.0
 

@@ -19,6 +19,7 @@ from .base import (
     OWN_TABLES,
     BatchRecord,
     Failure,
+    Floors,
     Ledger,
     utc_now,
 )
@@ -167,15 +168,17 @@ class SQLiteLedger(Ledger):
                 f"DELETE FROM {CACHE_TABLE} WHERE key = ? AND value = ?", [(CLAIM + k, owner.encode()) for k in keys]
             )
 
-    def reserve_budget(self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float) -> float:
+    def reserve_budget(
+        self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
+    ) -> float:
         with self._lock, immediate(self.conn):
             now = time.time()
             row = self.conn.execute(
                 f"SELECT request_tat, token_tat FROM {BUDGET_TABLE} WHERE key = ?", [key]
             ).fetchone()
             request_tat, token_tat = row if row else (now, now)
-            request_tat = max(request_tat, now) + request_seconds
-            token_tat = max(token_tat, now) + token_seconds
+            request_tat = max(request_tat, now + floors[0]) + request_seconds
+            token_tat = max(token_tat, now + floors[1]) + token_seconds
             self.conn.execute(
                 f"INSERT INTO {BUDGET_TABLE} (key, request_tat, token_tat) VALUES (?, ?, ?) ON CONFLICT (key) "
                 "DO UPDATE SET request_tat = excluded.request_tat, token_tat = excluded.token_tat",

@@ -1,0 +1,96 @@
+"""Pacing at a provider's limit: the server's meter, the limits and burst its headers announce, large requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from backfill_pipeline.config import RateLimitSpec
+from backfill_pipeline.engine import CallPolicy
+from backfill_pipeline.providers.openai_provider import OpenAIEmbeddingProvider, estimated_by_characters
+from backfill_pipeline.ratelimit import LocalBudget, RateLimiter, RateSignals
+
+from .fake_providers import ModelLimits
+from .test_providers_http import FAST_RETRY, _embed, openai_embedder, run, server  # noqa: F401 - fixture
+
+EMBED = "text-embedding-3-small"
+
+
+def _timed(limiter: RateLimiter, costs: list[int]) -> list[float]:
+    async def go() -> list[float]:
+        started, at = time.monotonic(), []
+        for tokens in costs:
+            await limiter.acquire(tokens)
+            at.append(time.monotonic() - started)
+        return at
+
+    return asyncio.run(go())
+
+
+def test_a_request_larger_than_the_burst_waits_until_the_ones_before_it_are_paid() -> None:
+    """A bucket smaller than one request admits it only when full: sending it after the previous request's
+    cost less the burst (1 s early here) would be answered 429."""
+    limiter = RateLimiter(LocalBudget(), "big", RateLimitSpec(tokens_per_minute=600), burst_seconds=1.0)
+    at = _timed(limiter, [20, 20, 20])  # 10 tokens/s: 2 s each
+    assert at[0] < 0.3  # at most the margin kept for jitter
+    assert at[1] >= 1.9 and at[2] >= 3.8, at
+
+
+def test_limits_and_burst_are_learned_from_the_headers() -> None:
+    limiter = RateLimiter(LocalBudget(), "learn", RateLimitSpec())
+    assert not limiter.enabled  # nothing configured, nothing announced yet
+    limiter.on_success(RateSignals(limit_requests=600, remaining_requests=29), tokens=5)
+    assert limiter.enabled and limiter.requests_per_minute == 600
+    assert limiter.burst == pytest.approx(3.0)  # 29 left + this one = 3 s of 10 requests/s
+    at = _timed(limiter, [5] * 35)
+    assert at[28] < 0.3  # the burst the server holds is spent at once...
+    assert at[34] >= 0.45  # ...then 10 requests/s
+    limiter.on_rate_limited(None)
+    assert limiter.burst == pytest.approx(1.5)
+    limiter.on_success(RateSignals(limit_requests=600, remaining_requests=599), tokens=5)
+    assert limiter.burst == pytest.approx(1.5)  # a burst refused once is not tried again
+
+
+def test_configured_limits_are_lowered_to_the_announced_ones_and_a_set_burst_is_kept() -> None:
+    limiter = RateLimiter(LocalBudget(), "low", RateLimitSpec(tokens_per_minute=1_000_000), burst_seconds=0.5)
+    limiter.on_success(RateSignals(limit_tokens=60_000, remaining_tokens=59_000), tokens=100)
+    assert limiter.tokens_per_minute == 60_000
+    assert limiter.burst == 0.5
+
+
+def test_openai_meter_counts_characters_when_they_say_more_than_the_tokenizer() -> None:
+    long_words = "notwithstanding indemnification counterclaimant " * 20
+    counted = len(long_words.split()) * 3  # a few tokens a word
+    assert estimated_by_characters([long_words], counted) == -(-len(long_words) // 4)
+    assert estimated_by_characters(["a b c d"], 50) == 50  # never below the tokenizer's count
+
+
+def _long_word_texts(n: int) -> list[str]:
+    """Long words that are one token each: ~3.4 times more tokens by characters / 4 than by the tokenizer."""
+    words = ["international", "responsibility", "administration", "environmental", "understanding", "relationship"]
+    return [" ".join(words[(i + j) % len(words)] for j in range(60)) + f" clause {i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("metered", [True, False])
+def test_at_a_character_metered_limit_the_server_answers_no_429(server, monkeypatch, metered) -> None:  # noqa: F811
+    """A server that meters characters / 4 (as OpenAI does) at 60,000 tokens a minute with a 1 s bucket:
+    metered as the server does, the budget keeps every request under the limit; counted by the tokenizer
+    (the control), it runs ahead of the server's meter and is answered 429."""
+    server.limits[EMBED] = ModelLimits(tokens_per_minute=60_000, burst_seconds=1.0, meter="characters")
+    provider = openai_embedder(server, dimension=64)
+    if not metered:
+        monkeypatch.setattr(OpenAIEmbeddingProvider, "metered_tokens", lambda self, texts, counted: counted)
+    texts = _long_word_texts(20)  # ~1,300 tokens as counted, ~4,300 as metered by characters
+    limiter = RateLimiter(LocalBudget(), f"meter-{metered}", RateLimitSpec(tokens_per_minute=60_000))
+    started = time.monotonic()
+    outcome = run(_embed(provider, texts, batch_size=2, policy=CallPolicy(limiter=limiter, retry=FAST_RETRY)))
+    elapsed = time.monotonic() - started
+    assert outcome.ok.all()
+    metered_total = sum(tokens for _, route, _, tokens in server.stats.accepted_at if route == "embeddings")
+    if metered:
+        assert server.count("embeddings", 429) == 0
+        assert elapsed >= (metered_total - 1000) / 1000 * 0.9  # paced to the server's own count
+    else:
+        assert server.count("embeddings", 429) >= 2
