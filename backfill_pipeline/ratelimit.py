@@ -28,13 +28,26 @@ class BudgetBackend(Protocol):
         self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
     ) -> float: ...
 
+    def burst(self, key: str) -> float | None: ...
+
+    def set_burst(self, key: str, seconds: float, lower: bool = False) -> float: ...
+
 
 class LocalBudget:
     """In-process budget, for a single process (tests, the embedded demo)."""
 
     def __init__(self) -> None:
         self._state: dict[str, tuple[float, float]] = {}
+        self._bursts: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def burst(self, key: str) -> float | None:
+        return self._bursts.get(key)
+
+    def set_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        with self._lock:
+            shared = self._bursts[key] = seconds if lower else max(seconds, self._bursts.get(key, seconds))
+        return shared
 
     def reserve(
         self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
@@ -59,6 +72,12 @@ class StoreBudget:
     ) -> float:
         return self.ledger.reserve_budget(key, request_seconds, token_seconds, burst_seconds, floors)
 
+    def burst(self, key: str) -> float | None:
+        return self.ledger.budget_burst(key)
+
+    def set_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        return self.ledger.set_budget_burst(key, seconds, lower)
+
 
 _RESERVE_LUA = """
 local t = redis.call('TIME')
@@ -71,6 +90,15 @@ return tostring(math.max(0, r - now - tonumber(ARGV[3]), k - now - tonumber(ARGV
 """
 
 
+_SET_BURST_LUA = """
+local old = tonumber(redis.call('HGET', KEYS[1], 'burst') or ARGV[1])
+local new = tonumber(ARGV[1])
+if ARGV[2] == '0' then new = math.max(old, new) end
+redis.call('HSET', KEYS[1], 'burst', tostring(new))
+return tostring(new)
+"""
+
+
 class RedisBudget:
     """The budget in Redis: one atomic script per reservation, Redis's clock."""
 
@@ -79,12 +107,20 @@ class RedisBudget:
 
         self._client = redis.Redis.from_url(url)
         self._script = self._client.register_script(_RESERVE_LUA)
+        self._set_burst = self._client.register_script(_SET_BURST_LUA)
 
     def reserve(
         self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
     ) -> float:
         args = [request_seconds, token_seconds, burst_seconds, *floors]
         return float(self._script(keys=[f"backfill:budget:{key}"], args=args))
+
+    def burst(self, key: str) -> float | None:
+        value = self._client.hget(f"backfill:budget:{key}", "burst")
+        return float(value) if value is not None else None
+
+    def set_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        return float(self._set_burst(keys=[f"backfill:budget:{key}"], args=[seconds, int(lower)]))
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -116,6 +152,7 @@ class RateSignals:
 
 
 MAX_LEARNED_BURST_SECONDS = 60.0  # OpenAI's buckets hold a minute; nothing larger is believed
+BURST_READ_SECONDS = 5.0  # how often a process looks at the burst the others learned
 _MARGIN_SECONDS = 0.25  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
 
 
@@ -125,7 +162,8 @@ class RateLimiter:
     The limits are the configured ones, lowered to what the server's headers announce (``x-ratelimit-limit-*``),
     or taken from the headers when none is configured. The burst (how far ahead of the steady rate requests
     may go) is ``burst_seconds`` when configured; otherwise it starts at 1 s and follows what the server shows
-    it holds (``remaining + this request``, a lower bound of its bucket), halved by each 429. A request costing
+    it holds (``remaining + this request``, a lower bound of its bucket), halved by each 429, and is shared
+    through the budget's backend with every process of the budget. A request costing
     more than the burst waits until the ones before it are paid for, as a full bucket is what admits it.
     """
 
@@ -139,6 +177,9 @@ class RateLimiter:
         self._learned_tpm: int | None = None
         self._burst_ceiling = MAX_LEARNED_BURST_SECONDS  # lowered by a 429: a burst refused is not tried again
         self._debt: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (requests, tokens) in seconds, when seen
+        self._burst_read_at = -BURST_READ_SECONDS  # when the shared burst was last read
+        self._burst_changed = False  # learned or lowered here: to be shared
+        self._lowered = False  # by a 429: the shared burst is lowered too, not only raised
 
     @property
     def requests_per_minute(self) -> int | None:
@@ -165,6 +206,8 @@ class RateLimiter:
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
+        if not self.fixed_burst:
+            await self._share_burst()
         request_seconds, token_seconds = self.costs(tokens)
         burst = max(self.burst, request_seconds, token_seconds) - _MARGIN_SECONDS
         request_debt, token_debt, seen = self._debt
@@ -173,6 +216,19 @@ class RateLimiter:
         delay = await asyncio.to_thread(self.backend.reserve, self.key, request_seconds, token_seconds, burst, floors)
         if delay > 0:
             await asyncio.sleep(delay)
+
+    async def _share_burst(self) -> None:
+        """Every process of a budget uses the same burst: one that started later would otherwise queue
+        behind reservations made with a larger one (up to a minute on OpenAI) before learning it itself."""
+        if self._burst_changed:
+            self._burst_changed = False
+            self.burst = await asyncio.to_thread(self.backend.set_burst, self.key, self.burst, self._lowered)
+            self._lowered = False
+        elif time.monotonic() - self._burst_read_at >= BURST_READ_SECONDS:
+            self._burst_read_at = time.monotonic()
+            shared = await asyncio.to_thread(self.backend.burst, self.key)
+            if shared is not None:
+                self.burst = shared
 
     def on_success(self, signals: RateSignals | None = None, tokens: int = 0, next_tokens: int = 0) -> None:
         """A response came: speed up again after 429s, and learn from its headers (``tokens``: what this
@@ -211,8 +267,9 @@ class RateLimiter:
             held.append(60.0 * (signals.remaining_requests + 1) / rpm)
         if tpm and signals.remaining_tokens:
             held.append(60.0 * (signals.remaining_tokens + tokens) / tpm)
-        if held:
-            self.burst = max(self.burst, min(min(held), self._burst_ceiling))
+        learned = min(min(held), self._burst_ceiling) if held else 0.0
+        if learned > self.burst:
+            self.burst, self._burst_changed = learned, True
 
     def request_token_cap(self) -> int | None:
         """The most tokens one request should carry: half the burst, so that requests never wait for a
@@ -224,7 +281,7 @@ class RateLimiter:
         self.multiplier = max(0.25, self.multiplier * 0.7)
         if not self.fixed_burst:
             self.burst = max(0.5, self.burst / 2)
-            self._burst_ceiling = self.burst
+            self._burst_ceiling, self._burst_changed, self._lowered = self.burst, True, True
         if retry_after:
             self.pause(retry_after)
 

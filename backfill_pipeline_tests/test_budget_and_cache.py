@@ -106,6 +106,32 @@ def test_token_budget_counts_tokens(pg_store) -> None:
     assert first == pytest.approx(0.5, abs=0.05) and second == pytest.approx(1.5, abs=0.05)
 
 
+@pytest.mark.parametrize("kind", ["local", "sqlite", "postgres", "redis"])
+def test_budget_shares_a_burst_and_takes_the_servers_debt_as_a_floor(kind, request) -> None:
+    key = f"burst:{uuid.uuid4().hex}"
+    backend = {
+        "local": lambda: LocalBudget(),
+        "sqlite": lambda: StoreBudget(request.getfixturevalue("sqlite_store").ledger),
+        "postgres": lambda: StoreBudget(request.getfixturevalue("pg_store").ledger),
+        "redis": lambda: RedisBudget(request.getfixturevalue("redis_url")),
+    }[kind]()
+    try:
+        assert backend.burst(key) is None
+        assert backend.set_burst(key, 30.0) == 30.0
+        assert backend.set_burst(key, 12.5) == 30.0  # learned by a process that came later: the larger stays
+        assert backend.set_burst(key, 12.5, lower=True) == 12.5  # after a 429
+        assert backend.burst(key) == 12.5
+        # the server showed 2 s of debt: the next reservation (0.1 s) lands after it, beyond a 0.5 s burst
+        assert backend.reserve(key, 0.0, 0.1, 0.5, (0.0, 2.0)) == pytest.approx(1.6, abs=0.05)
+        # a floor already carried is not added again
+        assert backend.reserve(key, 0.0, 0.1, 0.5, (0.0, 1.0)) == pytest.approx(1.7, abs=0.05)
+    finally:
+        if kind == "redis":
+            import redis
+
+            redis.Redis.from_url(request.getfixturevalue("redis_url")).delete(f"backfill:budget:{key}")
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_database_cache_round_trip_and_age(kind, request) -> None:
     store = request.getfixturevalue("sqlite_store" if kind == "sqlite" else "pg_store")

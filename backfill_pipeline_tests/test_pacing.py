@@ -53,6 +53,21 @@ def test_limits_and_burst_are_learned_from_the_headers() -> None:
     assert limiter.burst == pytest.approx(1.5)  # a burst refused once is not tried again
 
 
+def test_a_limiter_started_later_uses_the_burst_the_others_learned() -> None:
+    """A run that starts while others have spent most of a large bucket (a minute, on OpenAI) does not queue
+    behind their reservations as if the bucket held 1 s: the learned burst is shared through the budget
+    (each backend's sharing: test_budget_and_cache)."""
+    budget = LocalBudget()
+    spec = RateLimitSpec(tokens_per_minute=6000)  # 100 tokens/s
+    first = RateLimiter(budget, "shared", spec)
+    first.on_success(RateSignals(limit_tokens=6000, remaining_tokens=2900), tokens=100)  # a 30 s bucket
+    _timed(first, [100] * 20)  # 20 s of the bucket reserved at once
+    later = RateLimiter(budget, "shared", spec)
+    at = _timed(later, [100])
+    assert later.burst == pytest.approx(30.0)
+    assert at[0] < 1.0  # with its own 1 s it would wait ~20 s
+
+
 def test_configured_limits_are_lowered_to_the_announced_ones_and_a_set_burst_is_kept() -> None:
     limiter = RateLimiter(LocalBudget(), "low", RateLimitSpec(tokens_per_minute=1_000_000), burst_seconds=0.5)
     limiter.on_success(RateSignals(limit_tokens=60_000, remaining_tokens=59_000), tokens=100)

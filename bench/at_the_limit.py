@@ -179,7 +179,7 @@ def load(url: str, table: str, docs: list[str]) -> None:
                 copy.write_row((i, body))
 
 
-def ours(url: str, server: FakeProviderServer, rows: int, parallel: int) -> tuple[float, float]:
+def ours(url: str, server: FakeProviderServer, rows: int, parallel: int, limited: bool = True) -> tuple[float, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-limit-"))
     dataset = {
         "database_url": url,
@@ -191,9 +191,10 @@ def ours(url: str, server: FakeProviderServer, rows: int, parallel: int) -> tupl
             "model": MODEL,
             "dimension": DIM,
             "base_url": server.openai_url,
-            "rate_limit": {"requests_per_minute": RPM, "tokens_per_minute": TPM},
         },
     }
+    if limited:
+        dataset["embedding"]["rate_limit"] = {"requests_per_minute": RPM, "tokens_per_minute": TPM}
     (work / "backfill.yaml").write_text(yaml.safe_dump({"datasets": {"docs": dataset}}))
     (work / "home").mkdir()
     env = {

@@ -45,9 +45,7 @@ from backfill_pipeline_tests.pg import OwnedCluster, create_database  # noqa: E4
 CHAT, EMBED = "gpt-4o-mini", "text-embedding-3-small"
 LIMITS = {  # metered as OpenAI does (characters / 4), in buckets of 2 s of budget (the server's default)
     CHAT: ModelLimits(requests_per_minute=5000, tokens_per_minute=4_000_000, latency_seconds=0.4, meter="characters"),
-    EMBED: ModelLimits(
-        requests_per_minute=5000, tokens_per_minute=5_000_000, latency_seconds=0.15, meter="characters"
-    ),
+    EMBED: ModelLimits(requests_per_minute=5000, tokens_per_minute=5_000_000, latency_seconds=0.15, meter="characters"),
 }
 SKILLSPAN = ROOT.parent / "shared" / "data" / "skillspan" / "postings.jsonl"
 
@@ -214,9 +212,7 @@ def main() -> None:
             limits = LIMITS[model]
             assert limits.requests_per_minute and limits.tokens_per_minute
             held = limits.burst_seconds / 60  # the server's full bucket admits this much of a minute at once
-            minutes = max(
-                requests / limits.requests_per_minute - held, tokens / limits.tokens_per_minute - held, 0.0
-            )
+            minutes = max(requests / limits.requests_per_minute - held, tokens / limits.tokens_per_minute - held, 0.0)
             bound = max(bound, minutes)
             print(
                 f"  {model}: {requests:,} requests, {tokens:,} tokens metered -> at least {minutes * 60:.1f}s at "

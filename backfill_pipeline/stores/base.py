@@ -30,6 +30,7 @@ CLAIM = "claim:"  # the cache table's keys for texts being paid for right now (s
 BUDGET_TABLE = "backfill_rate_limits"
 BATCHES_TABLE = "backfill_batches"
 Floors = tuple[float, float]  # seconds after now below which the request and token times may not lie
+BURST_SUFFIX = "#burst"  # the budget table's row for a budget's learned burst (seconds, in request_tat)
 OWN_TABLES = (FAILURES_TABLE, LEASES_TABLE, CACHE_TABLE, BUDGET_TABLE, BATCHES_TABLE)
 
 
@@ -333,6 +334,15 @@ class Ledger(ABC):
         and the caller waits for whatever lies beyond ``burst_seconds`` ahead of now. ``floors`` first
         moves each time to at least that many seconds after now: the debt the server's headers showed.
         """
+
+    @abstractmethod
+    def budget_burst(self, key: str) -> float | None:
+        """The burst (seconds of budget) that the processes sharing this budget learned from the server."""
+
+    @abstractmethod
+    def set_budget_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        """Share a burst learned from the server with every process of this budget (kept if it is larger than
+        the one already shared), or lower it (after a 429); return the burst now shared."""
 
     # -- batches (mode: batch) ---------------------------------------------------------------------
     @abstractmethod

@@ -17,6 +17,7 @@ from psycopg import sql
 from .base import (
     BATCHES_TABLE,
     BUDGET_TABLE,
+    BURST_SUFFIX,
     CACHE_TABLE,
     CLAIM,
     FAILURES_TABLE,
@@ -231,6 +232,33 @@ class PostgresLedger(Ledger):
                 },
             ).fetchone()
         return float(row[0]) if row else 0.0
+
+    def budget_burst(self, key: str) -> float | None:
+        with self._side_lock:
+            row = (
+                self._side()
+                .execute(
+                    sql.SQL("SELECT request_tat FROM {} WHERE key = %s").format(self.budget_table), [key + BURST_SUFFIX]
+                )
+                .fetchone()
+            )
+        return float(row[0]) if row else None
+
+    def set_budget_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        with self._side_lock:
+            row = (
+                self._side()
+                .execute(
+                    sql.SQL(
+                        "INSERT INTO {} AS b (key, request_tat, token_tat) VALUES (%(key)s, %(s)s, 0) "
+                        "ON CONFLICT (key) DO UPDATE SET request_tat = CASE WHEN %(lower)s THEN EXCLUDED.request_tat "
+                        "ELSE greatest(b.request_tat, EXCLUDED.request_tat) END RETURNING request_tat"
+                    ).format(self.budget_table),
+                    {"key": key + BURST_SUFFIX, "s": seconds, "lower": lower},
+                )
+                .fetchone()
+            )
+        return float(row[0]) if row else seconds
 
     # -- batches -----------------------------------------------------------------------------------
     def batch_intent(self, record: BatchRecord) -> None:

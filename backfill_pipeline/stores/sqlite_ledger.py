@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from .base import (
     BATCHES_TABLE,
     BUDGET_TABLE,
+    BURST_SUFFIX,
     CACHE_TABLE,
     CLAIM,
     FAILURES_TABLE,
@@ -185,6 +186,26 @@ class SQLiteLedger(Ledger):
                 [key, request_tat, token_tat],
             )
         return max(0.0, request_tat - now - burst_seconds, token_tat - now - burst_seconds)
+
+    def budget_burst(self, key: str) -> float | None:
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT request_tat FROM {BUDGET_TABLE} WHERE key = ?", [key + BURST_SUFFIX]
+            ).fetchone()
+        return float(row[0]) if row else None
+
+    def set_budget_burst(self, key: str, seconds: float, lower: bool = False) -> float:
+        with self._lock, immediate(self.conn):
+            update = "excluded.request_tat" if lower else f"max({BUDGET_TABLE}.request_tat, excluded.request_tat)"
+            self.conn.execute(
+                f"INSERT INTO {BUDGET_TABLE} (key, request_tat, token_tat) VALUES (?, ?, 0) "
+                f"ON CONFLICT (key) DO UPDATE SET request_tat = {update}",
+                [key + BURST_SUFFIX, seconds],
+            )
+            row = self.conn.execute(
+                f"SELECT request_tat FROM {BUDGET_TABLE} WHERE key = ?", [key + BURST_SUFFIX]
+            ).fetchone()
+        return float(row[0])
 
     # -- batches -----------------------------------------------------------------------------------
     def batch_intent(self, record: BatchRecord) -> None:
