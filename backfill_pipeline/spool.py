@@ -82,7 +82,9 @@ class SpoolWriter:
     def __init__(self, schema: pa.Schema):
         self.schema = schema
         self.path = scratch_path()
-        self._writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+        # dictionary pages only for strings (reasons, models): tried on vectors, they cost twice the write
+        strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        self._writer = pq.ParquetWriter(self.path, schema, compression="zstd", use_dictionary=strings)
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:

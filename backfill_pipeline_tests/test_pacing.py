@@ -9,7 +9,12 @@ import pytest
 
 from backfill_pipeline.config import RateLimitSpec
 from backfill_pipeline.engine import CallPolicy
-from backfill_pipeline.providers.openai_provider import OpenAIEmbeddingProvider, estimated_by_characters
+from backfill_pipeline.providers.openai_provider import (
+    OpenAIEmbeddingProvider,
+    _encoding,
+    estimated_by_characters,
+    truncate_by_tokens,
+)
 from backfill_pipeline.ratelimit import LocalBudget, RateLimiter, RateSignals
 
 from .fake_providers import ModelLimits
@@ -95,8 +100,13 @@ def test_at_a_character_metered_limit_the_server_answers_no_429(server, monkeypa
     (the control), it runs ahead of the server's meter and is answered 429."""
     server.limits[EMBED] = ModelLimits(tokens_per_minute=60_000, burst_seconds=1.0, meter="characters")
     provider = openai_embedder(server, dimension=64)
-    if not metered:
-        monkeypatch.setattr(OpenAIEmbeddingProvider, "metered_tokens", lambda self, texts, counted: counted)
+    if not metered:  # the tokenizer's count, as the budget kept it before
+        encoding = _encoding(EMBED)
+        monkeypatch.setattr(
+            OpenAIEmbeddingProvider,
+            "metered_tokens",
+            lambda self, texts, counted: sum(map(len, encoding.encode_ordinary_batch(texts))),
+        )
     texts = _long_word_texts(20)  # ~1,300 tokens as counted, ~4,300 as metered by characters
     limiter = RateLimiter(LocalBudget(), f"meter-{metered}", RateLimitSpec(tokens_per_minute=60_000))
     started = time.monotonic()
@@ -109,3 +119,15 @@ def test_at_a_character_metered_limit_the_server_answers_no_429(server, monkeypa
         assert elapsed >= (metered_total - 1000) / 1000 * 0.9  # paced to the server's own count
     else:
         assert server.count("embeddings", 429) >= 2
+
+
+def test_texts_that_cannot_reach_the_limit_are_not_tokenized_for_the_engine() -> None:
+    """The engine needs exact counts only where a text could be cut; elsewhere the byte length bounds the
+    count (each token holds at least one byte) and keeps requests within their token limit."""
+    short, long = "short text é", "word " * 3000  # 15,000 bytes, about 3,000 tokens
+    sent, counts, cut = truncate_by_tokens(EMBED, [short, long], 8191, exact=False)
+    assert sent[0] == short and counts[0] == len(short.encode()) and cut == 0
+    assert counts[1] == len(_encoding(EMBED).encode_ordinary(long))  # could reach the limit: counted
+    assert truncate_by_tokens(EMBED, [short], 8191)[1] == [len(_encoding(EMBED).encode_ordinary(short))]
+    words = ["x" * 20] * 1000  # 1,000 tokens of 20 bytes: past a 500-token limit only by the count
+    assert truncate_by_tokens(EMBED, [" ".join(words)], 500, exact=False)[2] == 1

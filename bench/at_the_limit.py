@@ -179,7 +179,9 @@ def load(url: str, table: str, docs: list[str]) -> None:
                 copy.write_row((i, body))
 
 
-def ours(url: str, server: FakeProviderServer, rows: int, parallel: int, limited: bool = True) -> tuple[float, float]:
+def ours(
+    url: str, server: FakeProviderServer, rows: int, parallel: int, limited: bool = True, in_memory: int | None = None
+) -> tuple[float, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-limit-"))
     dataset = {
         "database_url": url,
@@ -193,6 +195,8 @@ def ours(url: str, server: FakeProviderServer, rows: int, parallel: int, limited
             "base_url": server.openai_url,
         },
     }
+    if in_memory:
+        dataset["rows_in_memory"] = in_memory
     if limited:
         dataset["embedding"]["rate_limit"] = {"requests_per_minute": RPM, "tokens_per_minute": TPM}
     (work / "backfill.yaml").write_text(yaml.safe_dump({"datasets": {"docs": dataset}}))

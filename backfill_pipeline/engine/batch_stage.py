@@ -92,7 +92,7 @@ async def run_batch_stage(
     provider = stage.provider
     api = provider.batch_api()
     n = len(texts)
-    sent, _, truncated = provider.prepare(list(texts))  # token counts: batch stages are not rate-paced
+    sent, _, truncated = provider.prepare(list(texts), exact=False)  # batch stages are not rate-paced
     provider.usage.truncated_inputs += truncated
     keys = [stage.key(t) for t in sent]
     tracker = Progress(n, progress, progress_every)

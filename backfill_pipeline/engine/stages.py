@@ -127,7 +127,7 @@ async def run_stage(
     provider = stage.provider
     n = len(texts)
     failures: list[RowFailure] = []
-    sent, tokens, truncated = provider.prepare(list(texts))
+    sent, tokens, truncated = provider.prepare(list(texts), exact=False)
     provider.usage.truncated_inputs += truncated
     keys = [stage.key(t) for t in sent]
     tracker = Progress(n, progress, progress_every)

@@ -119,8 +119,10 @@ class _Provider:
     def __init__(self) -> None:
         self.usage = Usage()
 
-    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
-        """Texts as they will be sent (cut to the model's limit), their token counts, how many were cut."""
+    def prepare(self, texts: list[str], exact: bool = True) -> tuple[list[str], list[int], int]:
+        """Texts as they will be sent (cut to the model's limit), their token counts, how many were cut. With
+        ``exact`` false the counts may be upper bounds where a text cannot reach the limit (enough to keep
+        requests within theirs; the engine's rate budget meters by :meth:`metered_tokens`)."""
         return list(texts), [max(1, len(t) // 4) for t in texts], 0
 
     def metered_tokens(self, texts: list[str], counted: int) -> int:

@@ -94,7 +94,7 @@ class GeminiEmbeddingProvider(EmbeddingProvider):
             raise ConfigError(f"{spec.model} gives at most {largest} dimensions, not {spec.dimension}")
         self.client = _client(spec, api_key)
 
-    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+    def prepare(self, texts: list[str], exact: bool = True) -> tuple[list[str], list[int], int]:
         return _truncate(texts)
 
     async def preflight(self) -> None:
@@ -138,7 +138,7 @@ class GeminiEnrichmentProvider(EnrichmentProvider):
             system_instruction=SYSTEM_PROMPT, response_mime_type="application/json", response_schema=schema
         )
 
-    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+    def prepare(self, texts: list[str], exact: bool = True) -> tuple[list[str], list[int], int]:
         out = [t[:400_000] for t in texts]
         return out, [len(t) // CHARS_PER_TOKEN + 60 for t in out], sum(len(t) > 400_000 for t in texts)
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from .base import ProviderError
@@ -46,8 +45,7 @@ class OpenAIBatches(BatchAPI):
     @classmethod
     def for_embeddings(cls, provider: OpenAIEmbeddingProvider) -> OpenAIBatches:
         def read(body: dict, texts: list[str] | None) -> np.ndarray:
-            # built as the SDK builds its answers (not validated: base64 vectors are strings, not the typed list)
-            return provider.read(CreateEmbeddingResponse.construct(**body), texts or [])
+            return provider.read(body, texts or [])
 
         return cls(provider.client, "/v1/embeddings", provider.request, read)
 

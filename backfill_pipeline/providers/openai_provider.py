@@ -15,10 +15,10 @@ import json
 import os
 from functools import lru_cache
 
+import httpx
 import numpy as np
 import openai
 from openai import AsyncOpenAI
-from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
@@ -59,18 +59,29 @@ def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
         return tiktoken.get_encoding("cl100k_base")
 
 
-def truncate_by_tokens(model: str, texts: list[str], limit: int, overhead: int = 0) -> tuple[list[str], list[int], int]:
-    """Texts cut to ``limit`` tokens, their token counts (plus ``overhead``), and how many were cut."""
+def truncate_by_tokens(
+    model: str, texts: list[str], limit: int, overhead: int = 0, exact: bool = True
+) -> tuple[list[str], list[int], int]:
+    """Texts cut to ``limit`` tokens, their token counts (plus ``overhead``), and how many were cut.
+
+    Not ``exact``: a text of at most ``limit`` UTF-8 bytes cannot hold more tokens than bytes (each token is at
+    least one), so it is not encoded and its byte length stands for its count, an upper bound."""
     encoding = _encoding(model)
-    out, counts, truncated = [], [], 0
+    out, counts, truncated = list(texts), [0] * len(texts), 0
     for start in range(0, len(texts), _ENCODED_AT_ONCE):  # token lists are large: hold a few at a time
-        chunk = texts[start : start + _ENCODED_AT_ONCE]
-        for text, tokens in zip(chunk, encoding.encode_ordinary_batch(chunk), strict=True):
+        chunk = range(start, min(start + _ENCODED_AT_ONCE, len(texts)))
+        todo = []
+        for i in chunk:
+            size = len(texts[i].encode()) if not exact else limit + 1
+            if size <= limit:
+                counts[i] = size + overhead
+            else:
+                todo.append(i)
+        for i, tokens in zip(todo, encoding.encode_ordinary_batch([texts[i] for i in todo]), strict=True):
             if len(tokens) > limit:
-                text, tokens = encoding.decode(tokens[:limit]), tokens[:limit]
+                out[i], tokens = encoding.decode(tokens[:limit]), tokens[:limit]
                 truncated += 1
-            out.append(text)
-            counts.append(len(tokens) + overhead)
+            counts[i] = len(tokens) + overhead
     return out, counts, truncated
 
 
@@ -116,7 +127,8 @@ def _client(spec: EmbeddingSpec | EnrichmentSpec, api_key: str | None) -> AsyncO
 def estimated_by_characters(texts: list[str], counted: int, extra_characters: int = 0) -> int:
     """OpenAI meters a request against the tokens-per-minute limit by an estimate from its characters (about
     four to a token), not by the tokenizer: on text with long words it charges up to a third more than the
-    tokens counted. The larger of the two, so the budget never runs ahead of the server's meter."""
+    tokens counted. The larger of the two where the count is exact (chat), so the budget never runs ahead of
+    the server's meter; the estimate alone for embeddings, whose counts may be bounds."""
     characters = sum(len(t) for t in texts) + extra_characters
     return max(counted, -(-characters // 4))
 
@@ -192,11 +204,11 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         self.native_dimension = known[0] if known else None
         self.client = _client(spec, api_key)
 
-    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
-        return truncate_by_tokens(self.model, texts, MAX_INPUT_TOKENS)
+    def prepare(self, texts: list[str], exact: bool = True) -> tuple[list[str], list[int], int]:
+        return truncate_by_tokens(self.model, texts, MAX_INPUT_TOKENS, exact=exact)
 
     def metered_tokens(self, texts: list[str], counted: int) -> int:
-        return estimated_by_characters(texts, counted)
+        return estimated_by_characters(texts, 0)  # ``counted`` may be a bound here (see prepare)
 
     async def preflight(self) -> str | None:
         why = await _look_up_model(self.client, self.model, "embedding model")
@@ -235,21 +247,28 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         return f"{got}-dimensional vectors, as configured"
 
     async def embed(self, texts: list[str]) -> np.ndarray:
+        # the SDK's client (key, base URL, errors mapped to its exceptions) without its typed models: building
+        # one object per vector and walking every input string through its transforms cost more per row
+        # than the rest of the pipeline; the answer is read as JSON here instead
         try:
-            raw = await self.client.embeddings.with_raw_response.create(**self.request(texts))
-            response = raw.parse()
+            raw = await self.client.post("/embeddings", body=self.request(texts), cast_to=httpx.Response)
+            body = raw.json()
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         self.last_signals = signals(raw.headers)
-        return self.read(response, texts)
+        return self.read(body, texts)
 
-    def read(self, response: CreateEmbeddingResponse, texts: list[str]) -> np.ndarray:
-        """The vectors of an answer (realtime, or a batch's line), its usage counted: paid, usable or not."""
-        self._count_usage(getattr(response.usage, "prompt_tokens", None), texts)
-        data = response.data if isinstance(response.data, list) else []
+    def read(self, body: object, texts: list[str]) -> np.ndarray:
+        """The vectors of an answer's JSON (realtime, or a batch's line), its usage counted: paid, usable or not."""
+        answer = body if isinstance(body, dict) else {}
+        usage = answer.get("usage")
+        self._count_usage(usage.get("prompt_tokens") if isinstance(usage, dict) else None, texts)
+        data = (
+            [d for d in answer.get("data") or [] if isinstance(d, dict)] if isinstance(answer.get("data"), list) else []
+        )
         if len(data) != len(texts):
             raise ProviderError(f"asked for {len(texts)} embeddings, got {len(data)}", "unreadable_answer")
-        vectors = [_vector(d.embedding) for d in sorted(data, key=lambda d: d.index or 0)]
+        vectors = [_vector(d.get("embedding")) for d in sorted(data, key=lambda d: d.get("index") or 0)]
         if len({len(v) for v in vectors}) != 1:
             raise ProviderError("the server's embeddings differ in length", "unreadable_answer")
         return np.stack(vectors)
@@ -290,7 +309,7 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
         self.model = spec.model
         self.client = _client(spec, api_key)
 
-    def prepare(self, texts: list[str]) -> tuple[list[str], list[int], int]:
+    def prepare(self, texts: list[str], exact: bool = True) -> tuple[list[str], list[int], int]:
         # 60 tokens for the system prompt and the message framing
         return truncate_by_tokens(self.model, texts, MAX_CHAT_INPUT_TOKENS, overhead=60)
 
