@@ -37,10 +37,10 @@ def _timed(limiter: RateLimiter, costs: list[int]) -> list[float]:
 def test_a_request_larger_than_the_burst_waits_until_the_ones_before_it_are_paid() -> None:
     """A bucket smaller than one request admits it only when full: sending it after the previous request's
     cost less the burst (1 s early here) would be answered 429."""
-    limiter = RateLimiter(LocalBudget(), "big", RateLimitSpec(tokens_per_minute=600), burst_seconds=1.0)
-    at = _timed(limiter, [20, 20, 20])  # 10 tokens/s: 2 s each
+    limiter = RateLimiter(LocalBudget(), "big", RateLimitSpec(tokens_per_minute=6000), burst_seconds=0.4)
+    at = _timed(limiter, [80, 80, 80])  # 100 tokens/s: 0.8 s each, twice the burst
     assert at[0] < 0.3  # at most the margin kept for jitter
-    assert at[1] >= 1.9 and at[2] >= 3.8, at
+    assert at[1] - at[0] >= 0.75 and at[2] - at[1] >= 0.75, at  # sent early, the second would leave at 0.4 s
 
 
 def test_limits_and_burst_are_learned_from_the_headers() -> None:
@@ -107,7 +107,7 @@ def test_at_a_character_metered_limit_the_server_answers_no_429(server, monkeypa
             "metered_tokens",
             lambda self, texts, counted: sum(map(len, encoding.encode_ordinary_batch(texts))),
         )
-    texts = _long_word_texts(20)  # ~1,300 tokens as counted, ~4,300 as metered by characters
+    texts = _long_word_texts(12)  # ~770 tokens as counted, ~2,600 as metered by characters
     limiter = RateLimiter(LocalBudget(), f"meter-{metered}", RateLimitSpec(tokens_per_minute=60_000))
     started = time.monotonic()
     outcome = run(_embed(provider, texts, batch_size=2, policy=CallPolicy(limiter=limiter, retry=FAST_RETRY)))
