@@ -7,12 +7,15 @@ materialize every partition of the whole graph through Dagster, and show coverag
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import stopping
 from .cli_datasets import (
@@ -337,5 +340,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The console script: :func:`main`, then an exit that skips tearing down the interpreter's thousands
+    of modules one by one (0.4 s after every command, each partition's run already recorded). The exit
+    handlers still run and the streams are flushed; an exception still ends the ordinary way."""
+    status = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`plan | head`)
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

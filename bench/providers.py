@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--width", type=int, default=500, help="ids per partition")
     parser.add_argument("--parallel", type=int, default=6, help="partitions running at once")
+    parser.add_argument("--timeline", action="store_true", help="print each model's share of its limit every 5 s")
     args = parser.parse_args()
 
     server = FakeProviderServer(limits=LIMITS).start()
@@ -229,6 +230,15 @@ def main() -> None:
             f"  timeline: first chat request {min(chat_times) - launched:.1f}s after launch (start-up), last "
             f"{max(chat_times) - launched:.1f}s; the run ended at {seconds:.1f}s"
         )
+        if args.timeline:
+            for route, model in (("chat", CHAT), ("embeddings", EMBED)):
+                rate = (LIMITS[model].tokens_per_minute or 0) / 60
+                shares = [0.0] * (int(seconds // 5) + 1)
+                for at, r, _, t in server.stats.accepted_at:
+                    if r == route and at >= launched:
+                        shares[min(int((at - launched) // 5), len(shares) - 1)] += t / (rate * 5)
+                print(f"  {route} share of its token limit by 5 s from launch: " + " ".join(f"{x:.0%}" for x in shares))
+            print("  " + "\n  ".join(line for line in done.stdout.splitlines() if "] " in line))
         new = {k: v - statuses_before.get(k, 0) for k, v in server.stats.statuses.items()}
         total = sum(n for (route, _), n in new.items() if route in ("chat", "embeddings"))
         limited = sum(n for (route, status), n in new.items() if status == 429)
