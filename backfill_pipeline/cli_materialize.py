@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TextIO
 
-from . import stopping
+from . import start_gate, stopping
 from .cli_progress import partition_progress
 from .cli_runs import cli_instance, cli_run_tags, dagster_home
 from .config import load_config
@@ -40,13 +40,20 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
         return key, STATUS_NOT_STARTED, 0, 0.0, "", {}
     written_before = stopping.written()
     job = _job_cache(config_path, name)
-    result = job.execute_in_process(
-        partition_key=key,
-        instance=cli_instance(),
-        run_config=_run_config(name, force, limit),
-        tags=cli_run_tags(),
-        raise_on_error=False,
-    )
+    start_gate.enter()
+    if stopping.requested():  # while it waited for a place
+        start_gate.started()
+        return key, STATUS_NOT_STARTED, 0, 0.0, "", {}
+    try:
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=cli_instance(),
+            run_config=_run_config(name, force, limit),
+            tags=cli_run_tags(),
+            raise_on_error=False,
+        )
+    finally:
+        start_gate.started()
     written, status = 0, "ok" if result.success else "FAILED"
     metadata: dict[str, dict[str, object]] = {}
     for event in result.get_asset_materialization_events():
@@ -66,22 +73,11 @@ STATUS_STOPPED = "STOPPED (completed rows written, the rest left for the next ru
 STATUS_NOT_STARTED = "NOT STARTED (stop requested)"
 
 
-def _worker_started() -> None:
-    """A forked worker of ``--parallel``: a signal asks for a graceful stop, a second ends it at once."""
+def _worker_started(gate: object) -> None:
+    """A forked worker of ``--parallel``: a signal asks for a graceful stop, a second ends it at once; its
+    runs start through the shared :mod:`start gate <backfill_pipeline.start_gate>`."""
     stopping.install_for_process()
-
-
-def _preload_run_modules() -> None:
-    """Import in the parent what every run imports on its first steps (psycopg and the stores, Arrow's
-    bridge to pandas, the SDK's HTTP stack): four forked workers importing it at once on two cores delay
-    every partition's first request by seconds."""
-    import httpx  # noqa: F401
-    import pyarrow.pandas_compat
-    import pyarrow.parquet  # noqa: F401
-
-    from .stores import postgres_ledger, postgres_rows, postgres_writes, sqlite_ledger, sqlite_rows  # noqa: F401
-
-    pyarrow.pandas_compat._pandas_api.have_pandas  # noqa: B018 - the bridge imports pandas when first asked
+    start_gate.install(gate)
 
 
 def _kill_workers() -> None:
@@ -124,11 +120,13 @@ def materialize_partitions(
         dataset = load_config(config_path).datasets[name]
         warm_up(dataset.embedding)
         warm_up(dataset.enrichment)
-        _preload_run_modules()
         # fork where available: the workers start with Dagster already imported (seconds saved per worker)
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ProcessPoolExecutor(
-            max_workers=parallel, mp_context=multiprocessing.get_context(method), initializer=_worker_started
+            max_workers=parallel,
+            mp_context=context,
+            initializer=_worker_started,
+            initargs=(start_gate.make(context),),
         )
         futures = [pool.submit(_run_partition, config_path, name, k, force, (limits or {}).get(k)) for k in keys]
         results = (f.result() for f in as_completed(futures))

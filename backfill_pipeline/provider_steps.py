@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import stopping
+from . import start_gate, stopping
 from .config import DatasetConfig, ProviderSpec
 from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
 from .engine.batch_stage import BatchJournal
@@ -126,6 +126,7 @@ def run_windows(
                 await provider.aclose()
                 await policy.cache.aclose()
 
+        start_gate.started()  # the run's start-up is over: the next partition's may begin
         try:
             asyncio.run(go())
         except BaseException:
