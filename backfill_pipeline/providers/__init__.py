@@ -41,7 +41,8 @@ def build_enrichment_provider(spec: EnrichmentSpec, api_key: str | None = None) 
 
 
 def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
-    """Load what a provider builds once per process (its SDK, the tokenizer), e.g. before forking workers."""
+    """Load what a provider builds once per process (its SDK), e.g. before forking workers. Not the tokenizer:
+    only texts longer than the model's limit need it, and loading it would delay every first request."""
     if spec.provider == "openai":
         import anyio._backends._asyncio  # noqa: F401 - loaded by the first request otherwise
         import openai.resources.chat  # noqa: F401 - the SDK's resources load on first use otherwise
@@ -49,10 +50,7 @@ def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
         import openai.resources.models  # noqa: F401
         from openai import AsyncOpenAI
 
-        from .openai_provider import _encoding
-
         AsyncOpenAI(api_key="warm-up", base_url="http://127.0.0.1:9")  # its HTTP transport's modules
-        _encoding(spec.model)
     if spec.provider == "gemini":
         from . import gemini_provider  # noqa: F401
     if spec.provider == "local" and isinstance(spec, EmbeddingSpec):

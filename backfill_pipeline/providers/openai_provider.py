@@ -66,7 +66,6 @@ def truncate_by_tokens(
 
     Not ``exact``: a text of at most ``limit`` UTF-8 bytes cannot hold more tokens than bytes (each token is at
     least one), so it is not encoded and its byte length stands for its count, an upper bound."""
-    encoding = _encoding(model)
     out, counts, truncated = list(texts), [0] * len(texts), 0
     for start in range(0, len(texts), _ENCODED_AT_ONCE):  # token lists are large: hold a few at a time
         chunk = range(start, min(start + _ENCODED_AT_ONCE, len(texts)))
@@ -77,6 +76,9 @@ def truncate_by_tokens(
                 counts[i] = size + overhead
             else:
                 todo.append(i)
+        if not todo:  # the tokenizer is loaded only when a text needs it (0.1 s, on the way to the first request)
+            continue
+        encoding = _encoding(model)
         for i, tokens in zip(todo, encoding.encode_ordinary_batch([texts[i] for i in todo]), strict=True):
             if len(tokens) > limit:
                 out[i], tokens = encoding.decode(tokens[:limit]), tokens[:limit]
