@@ -43,7 +43,9 @@ def _materialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int) ->
     return _step_starts(cli_instance())
 
 
-def test_with_one_core_each_run_starts_once_another_reached_its_provider_calls(tmp_path, monkeypatch) -> None:
+# `instance` (conftest): a live test instance keeps Dagster's current defs-state storage valid while the job
+# definitions load, whatever instance an earlier test left behind
+def test_with_one_core_each_run_starts_once_another_reached_its_provider_calls(tmp_path, monkeypatch, instance) -> None:
     runs = _materialize(tmp_path, monkeypatch, cores=1)
     assert len(runs) == 4
     for later in runs[1:]:
@@ -51,7 +53,7 @@ def test_with_one_core_each_run_starts_once_another_reached_its_provider_calls(t
         assert min(reached) <= later["raw_rows"]  # it waited at the gate for one of the others
 
 
-def test_without_the_gate_two_workers_start_together(tmp_path, monkeypatch) -> None:
+def test_without_the_gate_two_workers_start_together(tmp_path, monkeypatch, instance) -> None:
     """The control: with a place per worker, the second run reads while the first has not reached its calls."""
     runs = _materialize(tmp_path, monkeypatch, cores=2)
     assert runs[1]["raw_rows"] < runs[0]["llm_enrichment"]
