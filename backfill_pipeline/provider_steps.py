@@ -69,6 +69,9 @@ class Windows(Generic[P]):
     recorded: set[object] = field(default_factory=set)
 
 
+RANK_SECONDS = 2.0  # how often a run looks at the live runs of earlier partitions
+
+
 def window_rows(dataset: DatasetConfig, spec: ProviderSpec, total: int) -> int:
     return max(total, 1) if spec.mode == "batch" else dataset.rows_in_memory
 
@@ -100,7 +103,18 @@ def run_windows(
         writer = SpoolWriter(run.schema)
         report = progress_logger(log, run.stage)
 
+        async def follow_rank() -> None:
+            """Earlier partitions first (see ``RateLimiter.set_rank``): this run's rank among the live ones."""
+            while True:
+                async with one_at_a_time:
+                    rank = await asyncio.to_thread(store.ledger.live_leases_before, lease.key, lease.seconds)
+                policy.limiter.set_rank(rank, policy.max_in_flight)
+                await asyncio.sleep(RANK_SECONDS)
+
         async def go() -> None:
+            ranking = (
+                asyncio.create_task(follow_rank()) if policy.limiter.enabled and run.spec.mode != "batch" else None
+            )
             try:
                 note = await provider.preflight()
                 if note:
@@ -123,6 +137,8 @@ def run_windows(
                     del window  # its vectors: not held while the next window is worked
                     release_memory()
             finally:
+                if ranking is not None:
+                    ranking.cancel()
                 await provider.aclose()
                 await policy.cache.aclose()
 

@@ -180,6 +180,9 @@ class RateLimiter:
         self._burst_read_at = -BURST_READ_SECONDS  # when the shared burst was last read
         self._burst_changed = False  # learned or lowered here: to be shared
         self._lowered = False  # by a 429: the shared burst is lowered too, not only raised
+        self._waiting_cap: int | None = None  # this run's requests waiting on the budget at once (rank > 0)
+        self._waiting = 0
+        self._turn: asyncio.Condition | None = None
 
     @property
     def requests_per_minute(self) -> int | None:
@@ -200,9 +203,32 @@ class RateLimiter:
         token_seconds = 60.0 * tokens / (tpm * self.multiplier) if tpm else 0.0
         return request_seconds, token_seconds
 
+    def set_rank(self, rank: int, in_flight: int) -> None:
+        """Earlier partitions first: a run with ``rank`` live runs of earlier partitions keeps at most
+        ``in_flight / 2**rank`` requests waiting on the shared budget, so under contention its share of the
+        budget is that much smaller (the slots go to requests in the order they are reserved), and when
+        the budget has room nothing waits and nothing changes. Partitions then finish one after another
+        instead of together: what follows each one (embeddings, the write) overlaps the next one's calls,
+        and a stopped backfill leaves fewer partitions half done."""
+        # a raised cap lets waiting requests through as the next one in flight ends (each end wakes them)
+        self._waiting_cap = None if rank <= 0 else max(1, in_flight >> rank)
+
     async def acquire(self, tokens: int) -> None:
         if not self.enabled:
             return
+        if self._turn is None:
+            self._turn = asyncio.Condition()
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._waiting_cap is None or self._waiting < self._waiting_cap)
+            self._waiting += 1
+        try:
+            await self._reserve_and_wait(tokens)
+        finally:
+            async with self._turn:
+                self._waiting -= 1
+                self._turn.notify_all()
+
+    async def _reserve_and_wait(self, tokens: int) -> None:
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)

@@ -102,3 +102,17 @@ def test_cli_reports_a_partition_held_by_a_live_run_as_skipped(demo_db: Path, tm
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"SKIPPED (held by run {holder[:8]}" in done.stdout
     assert ": ok," not in done.stdout
+
+
+def test_live_leases_of_earlier_partitions_give_a_runs_rank(opener) -> None:
+    """The rank that orders runs on a shared budget: live leases of partitions before this one."""
+    with opener() as store:
+        for key, run_id in [("p1", "a"), ("p2", "b"), ("p4", "d")]:
+            assert store.ledger.claim_partition(key, run_id, fresh_within(60)) is None
+        assert store.ledger.live_leases_before("p1", 60) == 0
+        assert store.ledger.live_leases_before("p3", 60) == 2
+        store.ledger.release_partition("p1", "a")  # finished: no longer ahead of anyone
+        assert store.ledger.live_leases_before("p3", 60) == 1
+        time.sleep(1.2)
+        store.ledger.renew_lease("p4", "d")
+        assert store.ledger.live_leases_before("p9", 1.0) == 1  # p2's holder stopped renewing: not live

@@ -131,3 +131,45 @@ def test_texts_that_cannot_reach_the_limit_are_not_tokenized_for_the_engine() ->
     assert truncate_by_tokens(EMBED, [short], 8191)[1] == [len(_encoding(EMBED).encode_ordinary(short))]
     words = ["x" * 20] * 1000  # 1,000 tokens of 20 bytes: past a 500-token limit only by the count
     assert truncate_by_tokens(EMBED, [" ".join(words)], 500, exact=False)[2] == 1
+
+
+def _acquired(ranks: list[int], seconds: float = 2.0, in_flight: int = 8) -> list[int]:
+    """Requests each run (one limiter per run, ranked) acquires from one budget of 20 requests a second,
+    with ``in_flight`` callers each."""
+    budget = LocalBudget()
+    limiters = [
+        RateLimiter(budget, "ranked", RateLimitSpec(requests_per_minute=1200), burst_seconds=0.3) for _ in ranks
+    ]
+    for limiter, rank in zip(limiters, ranks, strict=True):
+        limiter.set_rank(rank, in_flight)
+    counts = [0] * len(ranks)
+
+    async def caller(i: int, until: float) -> None:
+        while time.monotonic() < until:
+            await limiters[i].acquire(1)
+            counts[i] += 1
+
+    async def go() -> None:
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(caller(i, until) for i in range(len(ranks)) for _ in range(in_flight)))
+
+    asyncio.run(go())
+    return counts
+
+
+def test_earlier_partitions_take_more_of_a_contended_budget() -> None:
+    """The callers that start first take the burst: at equal ranks the first run gets more (the control);
+    ranked behind, the same first run gets less than the one ranked ahead of it."""
+    equal = _acquired([0, 0])
+    assert equal[0] > equal[1], equal
+    behind, ahead = _acquired([1, 0])  # the run behind waits with 4 requests at most, the other with 8
+    assert ahead >= 1.2 * behind, (behind, ahead)
+    ahead, behind = _acquired([0, 1])
+    assert ahead >= 1.5 * behind, (ahead, behind)
+
+
+def test_a_later_partition_alone_still_uses_the_whole_budget() -> None:
+    """Nothing waits when the budget has room: a run ranked behind live ones that have gone quiet loses nothing."""
+    [alone_first] = _acquired([0])
+    [alone_ranked] = _acquired([3])  # at most one request waiting on the budget
+    assert alone_ranked >= 0.9 * alone_first, (alone_ranked, alone_first)

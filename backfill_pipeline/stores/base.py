@@ -376,6 +376,10 @@ class Ledger(ABC):
     @abstractmethod
     def release_partition(self, key: str, run_id: str) -> None: ...
 
+    @abstractmethod
+    def live_leases_before(self, key: str, seconds: float) -> int:
+        """How many partitions ordered before ``key`` are held by a run that renewed within ``seconds``."""
+
     def claim_partition(self, key: str, run_id: str, is_alive: Callable[[str, float], bool]) -> str | None:
         """Claim the partition for ``run_id``; return ``None`` when claimed, else the live holder's run id.
 

@@ -343,3 +343,13 @@ class PostgresLedger(Ledger):
             ),
             [self.dataset, key, run_id],
         )
+
+    def live_leases_before(self, key: str, seconds: float) -> int:
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE dataset = %s AND partition_key < %s "
+                "AND acquired_at > now() - make_interval(secs => %s)"
+            ).format(self.leases_table),
+            [self.dataset, key, seconds],
+        ).fetchone()
+        return int(row[0]) if row else 0

@@ -281,3 +281,11 @@ class SQLiteLedger(Ledger):
             f"DELETE FROM {LEASES_TABLE} WHERE dataset = ? AND partition_key = ? AND run_id = ?",
             [self.dataset, key, run_id],
         )
+
+    def live_leases_before(self, key: str, seconds: float) -> int:
+        since = (utc_now() - timedelta(seconds=seconds)).isoformat()
+        row = self.conn.execute(
+            f"SELECT count(*) FROM {LEASES_TABLE} WHERE dataset = ? AND partition_key < ? AND acquired_at > ?",
+            [self.dataset, key, since],
+        ).fetchone()
+        return int(row[0])
