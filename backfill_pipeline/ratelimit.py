@@ -183,6 +183,7 @@ class RateLimiter:
         self._waiting_cap: int | None = None  # this run's requests waiting on the budget at once (rank > 0)
         self._waiting = 0
         self._turn: asyncio.Condition | None = None
+        self._sharing: asyncio.Task | None = None  # the learned burst on its way to the shared backend
 
     @property
     def requests_per_minute(self) -> int | None:
@@ -267,6 +268,8 @@ class RateLimiter:
         rpm, tpm = self.requests_per_minute, self.tokens_per_minute
         if not self.fixed_burst:
             self._learn_burst(signals, rpm, tpm, tokens)
+            if self._burst_changed:
+                self._share_soon()
         # The server's bucket as its headers show it: what it lacks of a full bucket is a debt the shared
         # budget must carry (it does, unless another client spends the same account or the server meters
         # more than estimated here). Paced dimensions take it as a floor of their next reservation, so it
@@ -286,6 +289,16 @@ class RateLimiter:
                 self.pause(reset or 0.0)
         if max(debts) > 0:
             self._debt = (debts[0], debts[1], time.monotonic())
+
+    def _share_soon(self) -> None:
+        """Share a learned burst now, not at this run's next request: a step whose requests all left at once
+        (a partition's few embedding requests) has no next one, and the next partition would start again
+        from 1 s."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the engine's loop (tests): shared at the next request
+            return
+        self._sharing = loop.create_task(self._share_burst())
 
     def _learn_burst(self, signals: RateSignals, rpm: int | None, tpm: int | None, tokens: int) -> None:
         held: list[float] = []  # seconds of budget the server's bucket holds at least, per dimension

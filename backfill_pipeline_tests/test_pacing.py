@@ -173,3 +173,21 @@ def test_a_later_partition_alone_still_uses_the_whole_budget() -> None:
     [alone_first] = _acquired([0])
     [alone_ranked] = _acquired([3])  # at most one request waiting on the budget
     assert alone_ranked >= 0.9 * alone_first, (alone_ranked, alone_first)
+
+
+def test_a_learned_burst_is_shared_without_waiting_for_another_request() -> None:
+    """A partition's few embedding requests all leave before the first answer: the burst that answer shows
+    must reach the shared budget anyway, or the next partition starts again from 1 s."""
+    budget = LocalBudget()
+    limiter = RateLimiter(budget, "shared-now", RateLimitSpec(tokens_per_minute=60_000))
+
+    async def one_request() -> None:
+        await limiter.acquire(500)
+        limiter.on_success(RateSignals(remaining_tokens=1_500, limit_tokens=60_000), tokens=500)
+        await asyncio.sleep(0.1)  # the step goes on with other work; no request follows
+
+    asyncio.run(one_request())
+    assert budget.burst("shared-now") == 2.0  # (1,500 left + the 500 just paid) / 1,000 tokens a second
+    later = RateLimiter(budget, "shared-now", RateLimitSpec(tokens_per_minute=60_000))
+    asyncio.run(later.acquire(100))
+    assert later.burst == 2.0  # the next partition's limiter starts with it
