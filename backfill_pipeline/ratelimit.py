@@ -184,6 +184,7 @@ class RateLimiter:
         self._waiting = 0
         self._turn: asyncio.Condition | None = None
         self._sharing: asyncio.Task | None = None  # the learned burst on its way to the shared backend
+        self._reading: asyncio.Future[float | None] | None = None  # the shared burst, being read
 
     @property
     def requests_per_minute(self) -> int | None:
@@ -251,9 +252,16 @@ class RateLimiter:
             self._burst_changed = False
             self.burst = await asyncio.to_thread(self.backend.set_burst, self.key, self.burst, self._lowered)
             self._lowered = False
-        elif time.monotonic() - self._burst_read_at >= BURST_READ_SECONDS:
-            self._burst_read_at = time.monotonic()
-            shared = await asyncio.to_thread(self.backend.burst, self.key)
+        elif self._reading is not None or time.monotonic() - self._burst_read_at >= BURST_READ_SECONDS:
+            # the requests that start together wait for one read: the first ones would otherwise all be
+            # paced with the 1 s a new limiter starts from (a partition's whole embedding step, often)
+            if self._reading is None:
+                self._burst_read_at = time.monotonic()
+                self._reading = asyncio.ensure_future(asyncio.to_thread(self.backend.burst, self.key))
+            reading = self._reading
+            shared = await reading
+            if self._reading is reading:
+                self._reading = None
             if shared is not None:
                 self.burst = shared
 
