@@ -63,12 +63,16 @@ def chat_db(pgvector_db: str, monkeypatch: pytest.MonkeyPatch) -> str:
             "REFERENCES sessions(id) ON DELETE CASCADE, content text)"
         )
         conn.execute(
-            "INSERT INTO sessions (user_id, title) SELECT gen_random_uuid(), 'Session about ' || "
+            # keys fixed by their number (md5 as a UUID), so every hash bucket of both tables has rows: random
+            # ones left a bucket of the 22 summaries empty about one run in 150, and a partition less to run
+            "INSERT INTO sessions (id, user_id, title) SELECT md5('session ' || g)::uuid, gen_random_uuid(), "
+            "'Session about ' || "
             "(ARRAY['pgvector','Dagster','rate limits','Supabase auth','UUID keys'])[1 + g % 5] || ' #' || g "
             "FROM generate_series(1, 33) g"
         )
         conn.execute(
-            "INSERT INTO summaries (session_id, content) SELECT id, 'The user asked about ' || title "
+            "INSERT INTO summaries (id, session_id, content) SELECT md5('summary ' || id)::uuid, id, "
+            "'The user asked about ' || title "
             "FROM sessions ORDER BY id LIMIT 22"
         )
     monkeypatch.setenv("CHAT_DATABASE_URL", pgvector_db)
