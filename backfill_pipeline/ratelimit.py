@@ -183,7 +183,7 @@ class RateLimiter:
         self._waiting_cap: int | None = None  # this run's requests waiting on the budget at once (rank > 0)
         self._waiting = 0
         self._turn: asyncio.Condition | None = None
-        self._sharing: asyncio.Task | None = None  # the learned burst on its way to the shared backend
+        self._sharing: set[asyncio.Task] = set()  # learned bursts on their way to the shared backend
         self._reading: asyncio.Future[float | None] | None = None  # the shared burst, being read
 
     @property
@@ -306,7 +306,10 @@ class RateLimiter:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside the engine's loop (tests): shared at the next request
             return
-        self._sharing = loop.create_task(self._share_burst())
+        # the loop holds tasks weakly: each is kept here until done, or a pending share could be collected
+        task = loop.create_task(self._share_burst())
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
 
     def _learn_burst(self, signals: RateSignals, rpm: int | None, tpm: int | None, tokens: int) -> None:
         held: list[float] = []  # seconds of budget the server's bucket holds at least, per dimension
