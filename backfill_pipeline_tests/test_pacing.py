@@ -11,8 +11,8 @@ from backfill_pipeline.config import RateLimitSpec
 from backfill_pipeline.engine import CallPolicy
 from backfill_pipeline.providers.openai_provider import (
     OpenAIEmbeddingProvider,
-    _encoding,
     estimated_by_characters,
+    tokenizer,
     truncate_by_tokens,
 )
 from backfill_pipeline.ratelimit import LocalBudget, RateLimiter, RateSignals
@@ -101,7 +101,7 @@ def test_at_a_character_metered_limit_the_server_answers_no_429(server, monkeypa
     server.limits[EMBED] = ModelLimits(tokens_per_minute=60_000, burst_seconds=1.0, meter="characters")
     provider = openai_embedder(server, dimension=64)
     if not metered:  # the tokenizer's count, as the budget kept it before
-        encoding = _encoding(EMBED)
+        encoding = tokenizer(EMBED)
         monkeypatch.setattr(
             OpenAIEmbeddingProvider,
             "metered_tokens",
@@ -127,8 +127,8 @@ def test_texts_that_cannot_reach_the_limit_are_not_tokenized_for_the_engine() ->
     short, long = "short text é", "word " * 3000  # 15,000 bytes, about 3,000 tokens
     sent, counts, cut = truncate_by_tokens(EMBED, [short, long], 8191, exact=False)
     assert sent[0] == short and counts[0] == len(short.encode()) and cut == 0
-    assert counts[1] == len(_encoding(EMBED).encode_ordinary(long))  # could reach the limit: counted
-    assert truncate_by_tokens(EMBED, [short], 8191)[1] == [len(_encoding(EMBED).encode_ordinary(short))]
+    assert counts[1] == len(tokenizer(EMBED).encode_ordinary(long))  # could reach the limit: counted
+    assert truncate_by_tokens(EMBED, [short], 8191)[1] == [len(tokenizer(EMBED).encode_ordinary(short))]
     words = ["x" * 20] * 1000  # 1,000 tokens of 20 bytes: past a 500-token limit only by the count
     assert truncate_by_tokens(EMBED, [" ".join(words)], 500, exact=False)[2] == 1
 

@@ -45,8 +45,8 @@ def _materialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int) ->
 
 # `instance` (conftest): a live test instance keeps Dagster's current defs-state storage valid while the job
 # definitions load, whatever instance an earlier test left behind
-def test_with_one_core_each_run_starts_once_another_reached_its_provider_calls(tmp_path, monkeypatch, instance) -> None:
-    runs = _materialize(tmp_path, monkeypatch, cores=1)
+def test_on_two_cores_each_run_starts_once_another_reached_its_provider_calls(tmp_path, monkeypatch, instance) -> None:
+    runs = _materialize(tmp_path, monkeypatch, cores=2)  # one place
     assert len(runs) == 4
     for later in runs[1:]:
         reached = [r["llm_enrichment"] for r in runs if r is not later]
@@ -55,5 +55,5 @@ def test_with_one_core_each_run_starts_once_another_reached_its_provider_calls(t
 
 def test_without_the_gate_two_workers_start_together(tmp_path, monkeypatch, instance) -> None:
     """The control: with a place per worker, the second run reads while the first has not reached its calls."""
-    runs = _materialize(tmp_path, monkeypatch, cores=2)
+    runs = _materialize(tmp_path, monkeypatch, cores=4)  # two places
     assert runs[1]["raw_rows"] < runs[0]["llm_enrichment"]

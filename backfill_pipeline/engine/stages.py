@@ -144,6 +144,7 @@ async def run_stage(
     gate = asyncio.Semaphore(in_flight)
     slots = asyncio.Semaphore(in_flight)  # batches claimed at once: a killed run holds only these
     claims = Claims(policy.cache, policy.claim_seconds)
+    in_order = asyncio.Lock()  # the batches' claims and cache checks, one batch's at a time (FIFO)
     elsewhere: dict[str, int] = {}  # texts another run is paying for right now
     size = min(batch_size, provider.max_batch_size)
 
@@ -174,9 +175,10 @@ async def run_stage(
     async def run(batch: list[int]) -> None:
         """One batch: claim its texts, pay for those no other run is paying for, follow the others."""
         async with slots:
-            taken = await claims.take([keys[i] for i in batch])
+            async with in_order:  # batch by batch: the first request leaves after two round trips, not 2n
+                taken = await claims.take([keys[i] for i in batch])
+                answered = await policy.cache.get_many(sorted(taken))  # by another run since this one looked
             elsewhere.update({keys[i]: i for i in batch if keys[i] not in taken})
-            answered = await policy.cache.get_many(sorted(taken))  # by another run since this one looked
             reused = [k for k in answered if reuse(k, answered)]
             await claims.drop(reused)
             mine = [i for i in batch if keys[i] in taken and keys[i] not in reused]

@@ -41,9 +41,14 @@ def build_enrichment_provider(spec: EnrichmentSpec, api_key: str | None = None) 
 
 
 def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
-    """Load what a provider builds once per process (its SDK), e.g. before forking workers. Not the tokenizer:
-    only texts longer than the model's limit need it, and loading it would delay every first request."""
+    """Load what a provider builds once per process (its SDK), e.g. before forking workers. The tokenizer only
+    for chat, which counts every text (0.1 s a worker otherwise, on the way to its first request): embeddings
+    need it only for texts longer than the model's limit."""
     if spec.provider == "openai":
+        if isinstance(spec, EnrichmentSpec) and spec.enabled:
+            from .openai_provider import tokenizer
+
+            tokenizer(spec.model)
         import anyio._backends._asyncio  # noqa: F401 - loaded by the first request otherwise
         import openai.resources.chat  # noqa: F401 - the SDK's resources load on first use otherwise
         import openai.resources.embeddings  # noqa: F401

