@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from . import start_gate, stopping
 from .config import DatasetConfig, ProviderSpec
+from .embed_ahead import EmbeddingsAhead, embeddings_ahead, embeds_ahead
 from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
 from .engine.batch_stage import BatchJournal
 from .leases import Lease
@@ -67,6 +68,8 @@ class Windows(Generic[P]):
     failed: int = 0
     unsent: int = 0
     recorded: set[object] = field(default_factory=set)
+    ahead: Callable[[Store], EmbeddingsAhead] | None = None  # embeddings sent alongside (enrichment only)
+    ahead_metadata: dict[str, object] = field(default_factory=dict)
 
 
 RANK_SECONDS = 2.0  # how often a run looks at the live runs of earlier partitions
@@ -111,6 +114,8 @@ def run_windows(
                 policy.limiter.set_rank(rank, policy.max_in_flight)
                 await asyncio.sleep(RANK_SECONDS)
 
+        ahead = run.ahead(store) if run.ahead is not None else None
+
         async def go() -> None:
             ranking = (
                 asyncio.create_task(follow_rank()) if policy.limiter.enabled and run.spec.mode != "batch" else None
@@ -126,7 +131,10 @@ def run_windows(
                         continue
                     ids[:] = todo.column("id").to_pylist()
                     progress = functools.partial(_shifted, report, done, run.total)
+                    alongside = asyncio.ensure_future(ahead.window(todo)) if ahead is not None else None
                     window = await run.work(provider, policy, todo, progress)
+                    if alongside is not None:
+                        await alongside
                     done += todo.num_rows
                     writer.write(window.table)
                     run.failed += len(window.failures)
@@ -141,6 +149,9 @@ def run_windows(
                     ranking.cancel()
                 await provider.aclose()
                 await policy.cache.aclose()
+                if ahead is not None:
+                    await ahead.aclose()
+                    run.ahead_metadata = ahead.metadata()
 
         start_gate.started()  # the run's start-up is over: the next partition's may begin
         try:
@@ -163,8 +174,11 @@ def enrich_rows(
     detected: pa.Table | Spool,
     provider: Callable[[], EnrichmentProvider],
     log: Log,
+    embedding_provider: Callable[[], EmbeddingProvider] | None = None,
 ) -> StepResult:
-    """Skills, seniority and a summary for the rows that need them; per-row failures are kept as rows."""
+    """Skills, seniority and a summary for the rows that need them; per-row failures are kept as rows.
+    Given the ``embedding_provider``, the rows' embeddings go ahead alongside where they can (see
+    :mod:`.embed_ahead`)."""
     started = time.monotonic()
     detected = as_spool(detected)
     schema = enrichment_schema(dataset, id_type_of(detected))
@@ -181,21 +195,21 @@ def enrich_rows(
         return Window(enrichment_table(dataset, todo, outcome), outcome.failures, len(outcome.unsent))
 
     rows = window_rows(dataset, spec, total)
+    ahead = embedding_provider is not None and embeds_ahead(dataset)
+    columns = ["id", "content_hash", "text", *(["needs_embedding"] if ahead else [])]
     run: Windows[EnrichmentProvider] = Windows(
-        "enrichment",
-        spec,
-        total,
-        rows_where(detected, "needs_enrichment", rows, ["id", "content_hash", "text"]),
-        work,
-        schema,
+        "enrichment", spec, total, rows_where(detected, "needs_enrichment", rows, columns), work, schema
     )
+    if ahead and embedding_provider is not None:
+        make = embedding_provider
+        run.ahead = lambda store: embeddings_ahead(dataset, make(), store.ledger, stopping.requested, log)
     called = run_windows(lease, dataset, run, provider, log)
     if isinstance(called, str):
         return skipped(lease, called, log, spool_of(schema.empty_table()), **usage_metadata(Usage()))
     table, usage = called
     empty = spool_of(embeddings_schema(dataset, id_type_of(detected)).empty_table())
     stopped = _write_if_stopped(lease, dataset, detected, table, empty, log)
-    return StepResult(table, _metadata(run, usage, started, "rows_enriched", **stopped))
+    return StepResult(table, _metadata(run, usage, started, "rows_enriched", **stopped, **run.ahead_metadata))
 
 
 def embed_rows(

@@ -10,7 +10,9 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# asset -> {metadata key: summary key}
+_PAID = ("requests", "input_tokens", "output_tokens", "cache_hits", "rate_limited", "cost_usd")
+
+# asset -> {metadata key: summary key}; keys given twice are added up
 FIGURES = {
     "written_table": {
         "rows_written": "rows_written",
@@ -22,13 +24,14 @@ FIGURES = {
         "rows_embedding_failed": "rows_failed_embedding",
         "rows_write_rejected": "rows_failed_write",
     },
-    **{
-        asset: {
-            f"provider_{k}": f"{prefix}_{k}"
-            for k in ("requests", "input_tokens", "output_tokens", "cache_hits", "rate_limited", "cost_usd")
-        }
-        for asset, prefix in (("llm_enrichment", "enrichment"), ("embeddings", "embedding"))
+    "llm_enrichment": {
+        **{f"provider_{k}": f"enrichment_{k}" for k in _PAID},
+        # embeddings sent alongside the enrichment (see embed_ahead): the embedding stage's, found by the
+        # embeddings step as cache hits
+        **{f"embedding_ahead_{k}": f"embedding_{k}" for k in _PAID if k != "cache_hits"},
+        "embedding_ahead_rows": "embedding_ahead_rows",
     },
+    "embeddings": {f"provider_{k}": f"embedding_{k}" for k in _PAID},
 }
 
 
@@ -40,7 +43,7 @@ def partition_figures(metadata_by_asset: dict[str, dict[str, object]]) -> dict[s
         for key, name in keys.items():
             value = values.get(key)
             if isinstance(value, int | float):
-                out[name] = value
+                out[name] = out.get(name, 0) + value
     return out
 
 
@@ -84,8 +87,14 @@ class RunSummary:
                 out.append(
                     f"  {stage}: {int(t[f'{stage}_requests']):,} requests, {int(t[f'{stage}_input_tokens']):,} "
                     f"tokens in, {int(t[f'{stage}_output_tokens']):,} out, {int(t[f'{stage}_cache_hits']):,} "
-                    f"cache hits, {int(t[f'{stage}_rate_limited'])} rate-limited, ${t[f'{stage}_cost_usd']:.4f}"
+                    f"cache hits{_ahead(t) if stage == 'embedding' else ''}, {int(t[f'{stage}_rate_limited'])} "
+                    f"rate-limited, ${t[f'{stage}_cost_usd']:.4f}"
                 )
         if self.seconds:
             out.append(f"  rate: {t['rows_written'] / self.seconds:,.1f} rows written per second")
         return out
+
+
+def _ahead(totals: Mapping[str, float]) -> str:
+    rows = int(totals["embedding_ahead_rows"])
+    return f" ({rows:,} of them embedded during the enrichment)" if rows else ""

@@ -90,10 +90,14 @@ def test_switching_provider_by_config_alone(demo_db, tmp_path, monkeypatch, serv
     enrich, embed = metadata(result, "llm_enrichment"), metadata(result, "embeddings")
     assert enrich["rows_in"] == server.count("chat", 200)  # one answered request per row
     assert enrich["provider_requests"] == enrich["rows_in"] + enrich["provider_retries"]
-    assert embed["provider_inputs"] == embed["rows_in"] > 0
-    assert embed["provider_requests"] == server.count("embeddings", 200)
+    # every row needing a vector needed enrichment too: its embedding went ahead during the enrichment, and
+    # the embeddings step found it in the cache
+    assert enrich["embedding_ahead_inputs"] == enrich["embedding_ahead_rows"] == embed["rows_in"] > 0
+    assert enrich["embedding_ahead_requests"] == server.count("embeddings", 200)
+    assert embed["provider_requests"] == 0 and embed["provider_cache_hits"] == embed["rows_in"]
     if provider == "openai":
-        assert embed["provider_cost_usd"] == pytest.approx(embed["provider_input_tokens"] / 1e6 * 0.02, abs=1e-6)
+        ahead_tokens = enrich["embedding_ahead_input_tokens"]
+        assert enrich["embedding_ahead_cost_usd"] == pytest.approx(ahead_tokens / 1e6 * 0.02, abs=1e-6)
         assert enrich["provider_output_tokens"] > 0 and enrich["provider_cost_usd"] > 0
     rows = query(
         demo_db,
@@ -108,6 +112,19 @@ def test_switching_provider_by_config_alone(demo_db, tmp_path, monkeypatch, serv
     assert (server.count("chat"), server.count("embeddings")) == before
     assert metadata(again, "llm_enrichment")["provider_cache_hits"] == metadata(again, "llm_enrichment")["rows_in"]
     assert metadata(again, "embeddings")["provider_cache_hits"] == metadata(again, "embeddings")["rows_in"]
+    assert metadata(again, "llm_enrichment")["embedding_ahead_rows"] == 0  # found in the cache, not paid
+
+
+def test_embeddings_wait_for_the_enrichment_they_include(demo_db, tmp_path, monkeypatch, server, instance) -> None:
+    """The control: a text that includes the enrichment cannot go ahead; the embeddings step pays for it."""
+    data = provider_config(demo_db, server)
+    data["datasets"]["jobs"]["embedding"]["include_enrichment"] = True
+    _, config = setup(tmp_path, data, monkeypatch)
+    result = run_partition(config, "jobs", register(config, "jobs", instance)[0], instance, force=True)
+    enrich, embed = metadata(result, "llm_enrichment"), metadata(result, "embeddings")
+    assert "embedding_ahead_requests" not in enrich
+    assert embed["provider_inputs"] == embed["rows_in"] > 0 and embed["provider_cache_hits"] == 0
+    assert embed["provider_requests"] == server.count("embeddings", 200)
 
 
 def test_failed_rows_are_recorded_cool_down_and_requeue(
@@ -310,7 +327,9 @@ def test_redis_cache_with_ttl(demo_db, tmp_path, monkeypatch, server, instance) 
         paid = {"chat": server.count("chat"), "embeddings": server.count("embeddings")}
         keys = client.keys(f"{prefix}*")
         embedded, enriched = metadata(first, "embeddings"), metadata(first, "llm_enrichment")
-        assert embedded["provider_cache_hits"] == 0 and paid["chat"] > 0 and paid["embeddings"] > 0
+        # the embeddings went ahead during the enrichment (into this cache): the embeddings step paid for none
+        assert embedded["provider_cache_hits"] == enriched["embedding_ahead_rows"] == embedded["rows_embedded"]
+        assert embedded["provider_requests"] == 0 and paid["chat"] > 0 and paid["embeddings"] > 0
         assert len(keys) == 2 * _distinct_texts(demo_db)  # one embedding and one enrichment per distinct text
         assert 29 * 86400 < client.ttl(keys[0]) <= 30 * 86400
 

@@ -188,6 +188,7 @@ def build_dataset_assets(
                 detected_placeholders,
                 lambda: r.enrichment_provider(dataset),
                 context.log,
+                embedding_provider=lambda: r.embedding_provider(dataset),
             )
         return spool_output(out)
 
