@@ -21,7 +21,7 @@ from backfill_pipeline.lib import backfill_definitions
 from backfill_pipeline.stores import open_store
 
 from .conftest import REPO, demo_config_dict, query, subprocess_env, write_config
-from .fake_providers import GEMINI_KEY, OPENAI_KEY, FakeProviderServer, ModelLimits
+from .fake_providers import GEMINI_KEY, OPENAI_KEY, FakeProviderServer, Fault, ModelLimits
 from .graph_helpers import metadata, register, run_partition
 from .pg import unavailable
 
@@ -113,6 +113,22 @@ def test_switching_provider_by_config_alone(demo_db, tmp_path, monkeypatch, serv
     assert metadata(again, "llm_enrichment")["provider_cache_hits"] == metadata(again, "llm_enrichment")["rows_in"]
     assert metadata(again, "embeddings")["provider_cache_hits"] == metadata(again, "embeddings")["rows_in"]
     assert metadata(again, "llm_enrichment")["embedding_ahead_rows"] == 0  # found in the cache, not paid
+
+
+def test_embeddings_that_fail_ahead_are_left_to_the_embeddings_step(
+    demo_db, tmp_path, monkeypatch, server, instance
+) -> None:
+    """Ahead is an optimisation: a request that fails there (every attempt answered 503) is not cached, and
+    the embeddings step pays for its rows as it always would; every row is still written."""
+    _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
+    server.inject("embeddings", Fault("503", times=FAST["max_attempts"]))  # the ahead request's attempts
+    result = run_partition(config, "jobs", register(config, "jobs", instance)[0], instance, force=True)
+    assert result.success
+    enrich, embed = metadata(result, "llm_enrichment"), metadata(result, "embeddings")
+    assert enrich["embedding_ahead_rows"] == 0 and enrich["embedding_ahead_requests"] == FAST["max_attempts"]
+    assert embed["provider_inputs"] == embed["rows_embedded"] == embed["rows_in"] > 0
+    assert embed["provider_cache_hits"] == 0 and server.count("embeddings", 503) == FAST["max_attempts"]
+    assert metadata(result, "written_table")["rows_written"] == embed["rows_in"]
 
 
 def test_embeddings_wait_for_the_enrichment_they_include(demo_db, tmp_path, monkeypatch, server, instance) -> None:
