@@ -17,6 +17,7 @@ from pydantic import Field
 
 from .. import provider_steps, steps, stopping
 from ..config import ConfigError, DatasetConfig
+from ..embed_ahead import embeds_ahead
 from ..engine import FatalProviderError
 from ..leases import Lease, fresh_within
 from ..redact import mask_secrets
@@ -177,7 +178,12 @@ def build_dataset_assets(
         io_manager_key=IO_MANAGER_KEY,
         pool=ENRICHMENT_POOL,
         description="Skills, seniority and a summary for each row that needs them, validated against the "
-        "schema; a row whose answer fails is recorded with its message and never stops the partition.",
+        "schema; a row whose answer fails is recorded with its message and never stops the partition."
+        + (
+            " The rows' embeddings are requested alongside, into the paid-results cache."
+            if embeds_ahead(dataset)
+            else ""
+        ),
     )
     def llm_enrichment(context: dg.AssetExecutionContext, detected_placeholders: Spool) -> dg.Output[Spool]:
         r = res(context)
