@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from .config import DatasetConfig, EmbeddingSpec
 from .engine import CallPolicy, embed_texts
+from .engine.calls import error_message
 from .policy import build_policy
 from .providers.base import EmbeddingProvider
 from .reporting import Log, usage_metadata
@@ -65,7 +66,7 @@ class EmbeddingsAhead:
         try:
             outcome = await embed_texts(self.provider, texts, batch_size=self.spec.batch_size, policy=self.policy)
         except Exception as exc:  # noqa: BLE001 - the embeddings step meets the same error and reports it
-            self.stopped = f"{type(exc).__name__}: {exc}"
+            self.stopped = error_message(exc, limit=300)  # keys quoted by an API are masked
             self.log.warning(f"embeddings ahead of enrichment stopped ({self.stopped}); the embeddings step does them")
             return
         self.rows += int(outcome.ok.sum()) - (self.provider.usage.cache_hits - hits)  # paid for here

@@ -131,6 +131,29 @@ def test_embeddings_that_fail_ahead_are_left_to_the_embeddings_step(
     assert metadata(result, "written_table")["rows_written"] == embed["rows_in"]
 
 
+def test_an_embedding_key_refused_ahead_is_masked_and_named_by_the_embeddings_step(
+    demo_db, tmp_path, monkeypatch, server, instance
+) -> None:
+    """The chat key works, the embedding key is refused: sending ahead stops with a masked warning, the
+    enrichment is kept, and the embeddings step fails with the error that names the key."""
+    data = provider_config(demo_db, server)
+    data["datasets"]["jobs"]["embedding"]["api_key_env"] = "EMBEDDING_KEY"
+    wrong = "sk-proj-WRONGembed7f3a9c1e5b2d4680"
+    _, config = setup(tmp_path, data, monkeypatch)
+    monkeypatch.setenv("EMBEDDING_KEY", wrong)
+    key = register(config, "jobs", instance)[0]
+    job = backfill_definitions(config).resolve_job_def("jobs_backfill_job")
+    result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    assert not result.success
+    assert metadata(result, "llm_enrichment")["rows_enriched"] > 0 and server.count("embeddings", 200) == 0
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "jobs__embeddings" and "Incorrect API key provided: ***" in str(failure)
+    logged = "\n".join(str(r) for r in instance.all_logs(result.run_id))
+    assert "embeddings ahead of enrichment stopped" in logged
+    for fragment in (wrong, wrong[:8], wrong[-4:], "WRONGembed"):
+        assert fragment not in logged
+
+
 def test_embeddings_wait_for_the_enrichment_they_include(demo_db, tmp_path, monkeypatch, server, instance) -> None:
     """The control: a text that includes the enrichment cannot go ahead; the embeddings step pays for it."""
     data = provider_config(demo_db, server)
