@@ -126,7 +126,7 @@ def materialize_partitions(
             max_workers=parallel,
             mp_context=context,
             initializer=_worker_started,
-            initargs=(start_gate.make(context),),
+            initargs=(start_gate.make(context, start_gate.paced(dataset)),),
         )
         futures = [pool.submit(_run_partition, config_path, name, k, force, (limits or {}).get(k)) for k in keys]
         results = (f.result() for f in as_completed(futures))
