@@ -138,7 +138,7 @@ def test_an_embedding_key_refused_ahead_is_masked_and_named_by_the_embeddings_st
     enrichment is kept, and the embeddings step fails with the error that names the key."""
     data = provider_config(demo_db, server)
     data["datasets"]["jobs"]["embedding"]["api_key_env"] = "EMBEDDING_KEY"
-    wrong = "sk-proj-WRONGembed7f3a9c1e5b2d4680"
+    wrong = "sk-proj-WRONGembed7f3a9c1e5b2dXqZj"  # a tail of letters: digits occur in timestamps
     _, config = setup(tmp_path, data, monkeypatch)
     monkeypatch.setenv("EMBEDDING_KEY", wrong)
     key = register(config, "jobs", instance)[0]
@@ -222,7 +222,7 @@ def test_secrets_never_reach_logs_or_metadata(demo_db, tmp_path, monkeypatch, se
 def test_a_refused_key_is_masked_where_the_error_is_shown(demo_db, tmp_path, monkeypatch, server, instance) -> None:
     """OpenAI's 401 quotes the start and end of the key sent; none of it reaches a log or a failure."""
     _, config = setup(tmp_path, provider_config(demo_db, server), monkeypatch)
-    wrong = "sk-proj-WRONGkey7f3a9c1e5b2d4680"
+    wrong = "sk-proj-WRONGkey7f3a9c1e5b2dXqZj"  # a tail of letters: digits occur in timestamps
     monkeypatch.setenv("OPENAI_API_KEY", wrong)
     key = register(config, "jobs", instance)[0]
     result = (
