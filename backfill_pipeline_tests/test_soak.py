@@ -118,6 +118,7 @@ def test_soak(tmp_path: Path) -> None:
     client = _redis_or_skip()
     seed = int(os.environ.get("SOAK_SEED", time.time()))
     rng = random.Random(seed)
+    print(f"soak seed {seed} (SOAK_SEED={seed} repeats this run)")  # first: a failing run names its seed
     cluster = OwnedCluster()
     server = FakeProviderServer().start()
     server.limits["gpt-4o-mini"] = ModelLimits(latency_seconds=0.1)
