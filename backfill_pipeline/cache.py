@@ -12,11 +12,14 @@ import asyncio
 import hashlib
 import json
 import math
+import sqlite3
 from typing import Protocol
 
 import numpy as np
+import psycopg
+import redis.exceptions
 
-from .stores.base import Ledger
+from .stores.base import ConnectionLostError, Ledger
 
 SCHEMA_VERSION = "v1"  # bump when the enrichment schema changes, so old answers are not reused
 
@@ -33,6 +36,28 @@ class ResultCache(Protocol):
     async def release(self, keys: list[str], owner: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+# waits before the retries of a put that met a cache server away (a restart): 15.5 s in all
+KEEP_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
+_AWAY = (
+    ConnectionLostError,
+    OSError,
+    psycopg.OperationalError,
+    sqlite3.OperationalError,
+    redis.exceptions.ConnectionError,
+)
+
+
+async def keep_paid(cache: ResultCache, items: dict[str, bytes], waits: tuple[float, ...] = KEEP_RETRY_SECONDS) -> None:
+    """Put answers just paid for, waiting out a cache server's restart rather than losing them. The
+    request's place in flight stays taken meanwhile, so nothing more is paid for while nothing can be kept."""
+    for wait in waits:
+        try:
+            return await cache.put_many(items)
+        except _AWAY:
+            await asyncio.sleep(wait)
+    await cache.put_many(items)
 
 
 def _digest(*parts: object) -> str:

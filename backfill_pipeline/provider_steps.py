@@ -94,11 +94,17 @@ def run_windows(
         policy.stop, policy.stop_grace_seconds = stopping.requested, dataset.stop_grace_seconds
         one_at_a_time = asyncio.Lock()  # the store's connection takes one transaction at a time
         ids: list[object] = []  # the current window's ids, for failures recorded as they come
+        unrecorded: list[Failure] = []  # paid failures the database was away for: recorded with the next ones
 
         async def record_now(failed: list[RowFailure]) -> None:
-            found = [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
+            found = unrecorded + [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
             async with one_at_a_time:
-                await asyncio.to_thread(store.ledger.record_failures, found)
+                try:
+                    await asyncio.to_thread(store.ledger.record_failures, found)
+                except Exception:
+                    unrecorded[:] = found
+                    raise
+            unrecorded.clear()
 
         policy.record_failures = record_now
         if run.spec.mode == "batch":
@@ -141,7 +147,10 @@ def run_windows(
                     run.unsent += window.unsent
                     run.recorded |= {ids[f.index] for f in window.failures if f.recorded}
                     async with one_at_a_time:
-                        await asyncio.to_thread(_record_failures, store, failure_stage, window.table, log, run.recorded)
+                        if await asyncio.to_thread(
+                            _record_failures, store, failure_stage, window.table, log, run.recorded
+                        ):
+                            unrecorded.clear()  # the window's failures, these among them, are recorded
                     del window  # its vectors: not held while the next window is worked
                     release_memory()
             finally:
@@ -195,13 +204,12 @@ def enrich_rows(
         return Window(enrichment_table(dataset, todo, outcome), outcome.failures, len(outcome.unsent))
 
     rows = window_rows(dataset, spec, total)
-    ahead = embedding_provider is not None and embeds_ahead(dataset)
-    columns = ["id", "content_hash", "text", *(["needs_embedding"] if ahead else [])]
+    make = embedding_provider if embeds_ahead(dataset) else None
+    columns = ["id", "content_hash", "text", *(["needs_embedding"] if make is not None else [])]
     run: Windows[EnrichmentProvider] = Windows(
         "enrichment", spec, total, rows_where(detected, "needs_enrichment", rows, columns), work, schema
     )
-    if ahead and embedding_provider is not None:
-        make = embedding_provider
+    if make is not None:
         run.ahead = lambda store: embeddings_ahead(dataset, make(), store.ledger, stopping.requested, log)
     called = run_windows(lease, dataset, run, provider, log)
     if isinstance(called, str):
@@ -305,16 +313,19 @@ def _write_if_stopped(
     return {"outcome": "stopped", "rows_written": rows, "stopped_by": stopping.reason()}
 
 
-def _record_failures(store: Store, stage: str, table: pa.Table, log: Log, recorded: set[object]) -> None:
+def _record_failures(store: Store, stage: str, table: pa.Table, log: Log, recorded: set[object]) -> bool:
     """Record a window's failed rows as soon as it ends, not at the write: an answer that failed validation
-    was paid for and is not cached, so a run killed before its write must not ask for it again."""
+    was paid for and is not cached, so a run killed before its write must not ask for it again. False when
+    the database could not take them (the write step records them)."""
     failed = stage_failures(stage, table)
     for f in failed:
         log.warning(f"{stage} failed for row id {f.row_id}: [{f.error_class}] {f.message}")
     failed = [f for f in failed if f.row_id not in recorded]  # the engine recorded paid ones as they came
     if not failed:
-        return
+        return True
     try:
         store.ledger.record_failures(failed)
     except Exception as exc:  # noqa: BLE001 - failing the step now would pay for its rows again; the write records them
         log.warning(f"could not record {len(failed)} {stage} failures yet ({exc}); the write step will")
+        return False
+    return True

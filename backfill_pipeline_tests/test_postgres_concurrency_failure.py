@@ -206,3 +206,60 @@ def test_a_lock_held_elsewhere_times_the_write_out_then_the_retry_completes(
     done = job.execute_in_process(partition_key=key, instance=instance)
     assert done.success
     assert sql(pgvector_db, "SELECT count(*) FROM jobs WHERE embedding IS NOT NULL")[0][0] == 120
+
+
+def test_paid_answers_and_failures_are_kept_across_a_database_restart(tmp_path: Path, monkeypatch) -> None:
+    """A restart drops the step's connections while it is paying: what it pays for afterwards is kept at
+    the first try (cache and failures on a new connection), and a put that meets the server away waits for it."""
+    import asyncio
+    import threading
+
+    from backfill_pipeline.cache import StoreCache, keep_paid
+    from backfill_pipeline.stores import Failure, open_store
+
+    cluster = OwnedCluster()  # this test owns the server it restarts
+    try:
+        url = create_database(cluster.url(), extensions=("vector",))
+        _jobs_table(url, 1)
+        monkeypatch.setenv("RESTART_DATABASE_URL", url)
+        config = load_config(_config({"env": "RESTART_DATABASE_URL"}, tmp_path))  # type: ignore[arg-type]
+        migrate(config)
+        with open_store("jobs", config.datasets["jobs"]) as store:
+            cache = StoreCache(store.ledger, ttl_days=30)
+            asyncio.run(cache.put_many({"before": b"1"}))
+            store.ledger.record_failures([Failure(1, "enrichment", "invalid_output", "before")])
+
+            cluster.stop("fast")  # both connections of the store die with the server
+            cluster.start()
+            store.ledger.record_failures([Failure(2, "enrichment", "invalid_output", "paid, unusable")])
+            asyncio.run(cache.put_many({"after": b"2"}))
+            assert asyncio.run(cache.get_many(["before", "after"])) == {"before": b"1", "after": b"2"}
+
+            cluster.stop("fast")
+            threading.Timer(1.5, cluster.start).start()  # back while the put below waits
+            started = time.monotonic()
+            asyncio.run(keep_paid(cache, {"while away": b"3"}))
+            assert time.monotonic() - started >= 1.0  # it did meet the server away
+            assert asyncio.run(cache.get_many(["while away"])) == {"while away": b"3"}
+        failed = sql(url, "SELECT row_id, message, attempts FROM backfill_failures ORDER BY row_id")
+        assert failed == [("1", "before", 1), ("2", "paid, unusable", 1)]
+    finally:
+        cluster.destroy()
+
+
+def test_keep_paid_gives_up_at_once_on_an_error_a_wait_cannot_mend() -> None:
+    import asyncio
+
+    from backfill_pipeline.cache import NullCache, keep_paid
+
+    class Refusing(NullCache):
+        calls = 0
+
+        async def put_many(self, items: dict[str, bytes]) -> None:
+            self.calls += 1
+            raise psycopg.errors.InsufficientPrivilege("permission denied for table backfill_cache")
+
+    cache = Refusing()
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        asyncio.run(keep_paid(cache, {"k": b"v"}, waits=(5.0,)))
+    assert cache.calls == 1

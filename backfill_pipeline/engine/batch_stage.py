@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..cache import keep_paid
 from ..config import BatchSpec
 from ..providers.base import ProviderError
 from ..providers.batch_api import BatchAPI, BatchState
@@ -173,7 +174,7 @@ async def run_batch_stage(
                 if members:
                     stage.keep(members, result)
                     settle(members)
-        await policy.cache.put_many(fresh)
+        await keep_paid(policy.cache, fresh)
         failures.extend(await _record(policy, paid))
         missing = len(record.lines) - len(answers)
         note = f"{state.status}: {len(answers)} of {len(record.lines)} request lines answered"

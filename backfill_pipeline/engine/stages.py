@@ -21,7 +21,15 @@ from typing import Generic, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from ..cache import decode_answer, decode_vector, embedding_key, encode_answer, encode_vector, enrichment_key
+from ..cache import (
+    decode_answer,
+    decode_vector,
+    embedding_key,
+    encode_answer,
+    encode_vector,
+    enrichment_key,
+    keep_paid,
+)
 from ..providers.base import EmbeddingProvider, Enrichment, EnrichmentProvider, ProviderError
 from ..stopping import StopRequested
 from .calls import (
@@ -235,7 +243,7 @@ async def run_stage(
             stage.keep(members, result)
             fresh[keys[i]] = stage.encode(result)
             settle(members)
-        await policy.cache.put_many(fresh)  # paid for: keep it before anything else can go wrong
+        await keep_paid(policy.cache, fresh)  # paid for: keep it before anything else can go wrong
         await record(paid)
         await claims.drop([keys[i] for i in batch])
 

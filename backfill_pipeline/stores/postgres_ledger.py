@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -30,6 +31,8 @@ from .base import (
 )
 from .layout import TableRef
 from .postgres_catalog import Catalog, Timeouts, connect, identifier
+
+T = TypeVar("T")
 
 _TABLES: dict[str, sql.SQL] = {
     FAILURES_TABLE: sql.SQL(
@@ -78,6 +81,19 @@ class PostgresLedger(Ledger):
             self._side_conn = connect(self.url, self.dataset, self.timeouts)
         return self._side_conn
 
+    def _on_side(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work`` on the side connection, once more on a new one when the server dropped it (a
+        restart): a paid answer or a paid failure kept after the database is back is not lost to a
+        connection that died while it was away. Every such operation is safe to repeat."""
+        with self._side_lock:
+            try:
+                return work(self._side())
+            except psycopg.OperationalError:
+                if self._side_conn is None or not (self._side_conn.broken or self._side_conn.closed):
+                    raise  # a timeout, a lock: the connection is fine and a repeat would not help
+                self._side_conn.close()
+                return work(self._side())
+
     def missing_tables(self) -> list[str]:
         catalog = Catalog(self.conn)
         return [f"{name} (table)" for name, ref in self.refs.items() if not catalog.exists(ref)]
@@ -93,17 +109,20 @@ class PostgresLedger(Ledger):
         if not failures:
             return
         now = utc_now()
-        with self.conn.transaction(), self.conn.cursor() as cursor:
-            cursor.executemany(
-                sql.SQL(
-                    "INSERT INTO {t} AS f (dataset, row_id, stage, error_class, message, attempts, first_failed_at, "
-                    "last_failed_at, requeued) VALUES (%s, %s, %s, %s, %s, 1, %s, %s, false) "
-                    "ON CONFLICT (dataset, row_id, stage) DO UPDATE SET error_class = EXCLUDED.error_class, "
-                    "message = EXCLUDED.message, attempts = f.attempts + 1, last_failed_at = EXCLUDED.last_failed_at, "
-                    "requeued = false"
-                ).format(t=self.failures_table),
-                [(self.dataset, str(f.row_id), f.stage, f.error_class, f.message, now, now) for f in failures],
-            )
+        query = sql.SQL(
+            "INSERT INTO {t} AS f (dataset, row_id, stage, error_class, message, attempts, first_failed_at, "
+            "last_failed_at, requeued) VALUES (%s, %s, %s, %s, %s, 1, %s, %s, false) "
+            "ON CONFLICT (dataset, row_id, stage) DO UPDATE SET error_class = EXCLUDED.error_class, "
+            "message = EXCLUDED.message, attempts = f.attempts + 1, last_failed_at = EXCLUDED.last_failed_at, "
+            "requeued = false"
+        ).format(t=self.failures_table)
+        rows = [(self.dataset, str(f.row_id), f.stage, f.error_class, f.message, now, now) for f in failures]
+
+        def record(conn: psycopg.Connection) -> None:
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(query, rows)
+
+        self._on_side(record)
 
     def clear_failures(self, row_ids: Sequence[object], stages: Sequence[str] | None = None) -> int:
         if not row_ids:
@@ -159,49 +178,44 @@ class PostgresLedger(Ledger):
     def cache_get(self, keys: Sequence[str], max_age_days: float) -> dict[str, bytes]:
         if not keys:
             return {}
-        with self._side_lock:
-            rows = self._side().execute(
-                sql.SQL(
-                    "SELECT key, value FROM {} WHERE key = ANY(%s) AND created_at > now() - make_interval(secs => %s)"
-                ).format(self.cache_table),
-                [list(keys), max_age_days * 86400],
-            )
-            return {k: bytes(v) for k, v in rows}
+        query = sql.SQL(
+            "SELECT key, value FROM {} WHERE key = ANY(%s) AND created_at > now() - make_interval(secs => %s)"
+        ).format(self.cache_table)
+        rows = self._on_side(lambda conn: conn.execute(query, [list(keys), max_age_days * 86400]).fetchall())
+        return {k: bytes(v) for k, v in rows}
 
     def cache_put(self, items: dict[str, bytes]) -> None:
         if not items:
             return
-        with self._side_lock, self._side().cursor() as cursor:
-            cursor.executemany(
-                sql.SQL(
-                    "INSERT INTO {} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
-                    "SET value = EXCLUDED.value, created_at = now()"
-                ).format(self.cache_table),
-                list(items.items()),
-            )
+        query = sql.SQL(
+            "INSERT INTO {} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+            "SET value = EXCLUDED.value, created_at = now()"
+        ).format(self.cache_table)
+
+        def put(conn: psycopg.Connection) -> None:
+            with conn.cursor() as cursor:
+                cursor.executemany(query, list(items.items()))
+
+        self._on_side(put)
 
     def cache_claim(self, keys: Sequence[str], owner: str, seconds: float) -> set[str]:
         if not keys:
             return set()
-        with self._side_lock:
-            rows = self._side().execute(
-                sql.SQL(
-                    "INSERT INTO {t} AS c (key, value, created_at) SELECT %s || k, %s, now() FROM unnest(%s::text[]) k "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, created_at = now() "
-                    "WHERE c.value = EXCLUDED.value OR c.created_at < now() - make_interval(secs => %s) RETURNING key"
-                ).format(t=self.cache_table),
-                [CLAIM, owner.encode(), sorted(keys), seconds],
-            )
-            return {k[len(CLAIM) :] for (k,) in rows}
+        query = sql.SQL(
+            "INSERT INTO {t} AS c (key, value, created_at) SELECT %s || k, %s, now() FROM unnest(%s::text[]) k "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, created_at = now() "
+            "WHERE c.value = EXCLUDED.value OR c.created_at < now() - make_interval(secs => %s) RETURNING key"
+        ).format(t=self.cache_table)
+        rows = self._on_side(
+            lambda conn: conn.execute(query, [CLAIM, owner.encode(), sorted(keys), seconds]).fetchall()
+        )
+        return {k[len(CLAIM) :] for (k,) in rows}
 
     def cache_release(self, keys: Sequence[str], owner: str) -> None:
         if not keys:
             return
-        with self._side_lock:
-            self._side().execute(
-                sql.SQL("DELETE FROM {} WHERE key = ANY(%s) AND value = %s").format(self.cache_table),
-                [[CLAIM + k for k in keys], owner.encode()],
-            )
+        query = sql.SQL("DELETE FROM {} WHERE key = ANY(%s) AND value = %s").format(self.cache_table)
+        self._on_side(lambda conn: conn.execute(query, [[CLAIM + k for k in keys], owner.encode()]))
 
     def reserve_budget(
         self, key: str, request_seconds: float, token_seconds: float, burst_seconds: float, floors: Floors = (0, 0)
