@@ -50,12 +50,15 @@ def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
 
             tokenizer(spec.model)
         import anyio._backends._asyncio  # noqa: F401 - loaded by the first request otherwise
-        import openai.resources.chat  # noqa: F401 - the SDK's resources load on first use otherwise
-        import openai.resources.embeddings  # noqa: F401
-        import openai.resources.models  # noqa: F401
         from openai import AsyncOpenAI
 
-        AsyncOpenAI(api_key="warm-up", base_url="http://127.0.0.1:9")  # its HTTP transport's modules
+        from .openai_provider import tls_context
+
+        # its HTTP transport's modules, the TLS context every client shares, and the resources the SDK loads
+        # on first use (the chat completions' modules take 20 ms)
+        client = AsyncOpenAI(api_key="warm-up", base_url="http://127.0.0.1:9")
+        tls_context()
+        _ = client.chat.completions, client.embeddings, client.models
     if spec.provider == "gemini":
         from . import gemini_provider  # noqa: F401
     if spec.provider == "local" and isinstance(spec, EmbeddingSpec):
