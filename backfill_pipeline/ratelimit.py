@@ -153,7 +153,7 @@ class RateSignals:
 
 MAX_LEARNED_BURST_SECONDS = 60.0  # OpenAI's buckets hold a minute; nothing larger is believed
 BURST_READ_SECONDS = 5.0  # how often a process looks at the burst the others learned
-_MARGIN_SECONDS = 0.25  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
+_MARGIN_SECONDS = 0.1  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
 
 
 class RateLimiter:
@@ -161,8 +161,9 @@ class RateLimiter:
 
     The limits are the configured ones, lowered to what the server's headers announce (``x-ratelimit-limit-*``),
     or taken from the headers when none is configured. The burst (how far ahead of the steady rate requests
-    may go) is ``burst_seconds`` when configured; otherwise it starts at 1 s and follows what the server shows
-    it holds (``remaining + this request``, a lower bound of its bucket), halved by each 429, and is shared
+    may go) is ``burst_seconds`` when configured; otherwise it starts at 1 s and follows the size of the
+    server's bucket as its headers show it (``remaining`` plus the ``reset`` time until it is full; without a
+    reset, ``remaining + this request``, a lower bound), halved by each 429, and is shared
     through the budget's backend with every process of the budget. A request costing
     more than the burst waits until the ones before it are paid for, as a full bucket is what admits it.
     """
@@ -265,9 +266,12 @@ class RateLimiter:
             if shared is not None:
                 self.burst = shared
 
-    def on_success(self, signals: RateSignals | None = None, tokens: int = 0, next_tokens: int = 0) -> None:
+    def on_success(
+        self, signals: RateSignals | None = None, tokens: int = 0, next_tokens: int = 0, sent_at: float | None = None
+    ) -> None:
         """A response came: speed up again after 429s, and learn from its headers (``tokens``: what this
-        request cost, ``next_tokens``: what the next one will)."""
+        request cost, ``next_tokens``: what the next one will, ``sent_at``: when the request left, by
+        ``time.monotonic()``; the server counted it on arrival, a whole latency before its answer)."""
         self.multiplier = min(1.0, self.multiplier * 1.02)
         if signals is None:
             return
@@ -295,8 +299,12 @@ class RateLimiter:
                 debts[i] = self.burst - 60.0 * remaining / limit
             elif remaining < (1 if i == 0 else next_tokens):
                 self.pause(reset or 0.0)
-        if max(debts) > 0:
-            self._debt = (debts[0], debts[1], time.monotonic())
+        # the debt as of the server's count: dated by when the request left, not when its answer came (dated
+        # by the answer, every debt outlived itself by a latency and held the pace back that far); an answer
+        # to an earlier request than the last one read does not replace it
+        counted_at = time.monotonic() if sent_at is None else sent_at
+        if max(debts) > 0 and counted_at >= self._debt[2]:
+            self._debt = (debts[0], debts[1], counted_at)
 
     def _share_soon(self) -> None:
         """Share a learned burst now, not at this run's next request: a step whose requests all left at once
@@ -312,11 +320,16 @@ class RateLimiter:
         task.add_done_callback(self._sharing.discard)
 
     def _learn_burst(self, signals: RateSignals, rpm: int | None, tpm: int | None, tokens: int) -> None:
-        held: list[float] = []  # seconds of budget the server's bucket holds at least, per dimension
-        if rpm and signals.remaining_requests:
-            held.append(60.0 * (signals.remaining_requests + 1) / rpm)
-        if tpm and signals.remaining_tokens:
-            held.append(60.0 * (signals.remaining_tokens + tokens) / tpm)
+        held: list[float] = []  # seconds of budget the server's bucket holds when full, per dimension
+        for limit, remaining, reset, cost in (
+            (rpm, signals.remaining_requests, signals.reset_requests, 1),
+            (tpm, signals.remaining_tokens, signals.reset_tokens, tokens),
+        ):
+            if limit and remaining:
+                # what it holds now plus what it regains until full (OpenAI's reset: the time "until the
+                # limit resets to its initial state"): its size; without a reset, what it held before this
+                # request, a lower bound that a run paced below the size never raises to it
+                held.append(60.0 * remaining / limit + (reset if reset else 60.0 * cost / limit))
         learned = min(min(held), self._burst_ceiling) if held else 0.0
         if learned > self.burst:
             self.burst, self._burst_changed = learned, True

@@ -219,7 +219,8 @@ class FakeProviderServer:
             if limits.requests_per_minute:
                 headers["x-ratelimit-limit-requests"] = str(int(limits.requests_per_minute))
                 headers["x-ratelimit-remaining-requests"] = str(max(0, int(buckets[0][0].level)))
-                headers["x-ratelimit-reset-requests"] = f"{1 / buckets[0][0].rate:.3f}s"
+                until_full = max(0.0, (buckets[0][0].capacity - buckets[0][0].level) / buckets[0][0].rate)
+                headers["x-ratelimit-reset-requests"] = f"{until_full:.3f}s"  # as OpenAI's: until full again
             if limits.tokens_per_minute:
                 bucket = buckets[-1][0]
                 headers["x-ratelimit-limit-tokens"] = str(int(limits.tokens_per_minute))

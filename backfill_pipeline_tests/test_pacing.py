@@ -58,6 +58,43 @@ def test_limits_and_burst_are_learned_from_the_headers() -> None:
     assert limiter.burst == pytest.approx(1.5)  # a burst refused once is not tried again
 
 
+def test_the_bucket_size_is_learned_from_what_it_holds_and_the_time_until_it_is_full() -> None:
+    """OpenAI's reset headers say when a bucket is full again: what it holds plus that time is its size. What
+    it holds alone is a lower bound, and a run paced below the size never sees it rise to it (the 2 s bucket
+    of the providers benchmark was learned as about 1.6 s, its last 0.4 s never spent)."""
+    limiter = RateLimiter(LocalBudget(), "size", RateLimitSpec())
+    limiter.on_success(RateSignals(limit_requests=600, remaining_requests=5, reset_requests=1.4), tokens=5)
+    assert limiter.burst == pytest.approx(1.9)  # 0.5 s held + 1.4 s until full, at 10 requests/s
+    bound = RateLimiter(LocalBudget(), "bound", RateLimitSpec())
+    bound.on_success(RateSignals(limit_requests=600, remaining_requests=14), tokens=5)
+    assert bound.burst == pytest.approx(1.5)  # no reset header: 14 left + this one
+
+
+class _FloorsSeen(LocalBudget):
+    """The budget, recording the floors each reservation carries (what the server's count says it lacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floors: list[tuple[float, float]] = []
+
+    def reserve(self, key, request_seconds, token_seconds, burst_seconds, floors=(0, 0)) -> float:  # noqa: ANN001
+        self.floors.append(floors)
+        return super().reserve(key, request_seconds, token_seconds, burst_seconds, floors)
+
+
+@pytest.mark.parametrize(("sent_ago", "floor"), [(0.8, 0.2), (None, 1.0)])
+def test_what_the_server_lacks_is_dated_by_when_the_request_left(sent_ago: float | None, floor: float) -> None:
+    """The server counts a request on arrival and answers a latency later: what its headers say the bucket
+    lacks is that much older than the answer. Waited out from the answer, it held every run a latency (0.4 s
+    in the providers benchmark) behind the pace the bucket allows."""
+    budget = _FloorsSeen()
+    limiter = RateLimiter(budget, "dated", RateLimitSpec(requests_per_minute=600), burst_seconds=1.0)
+    sent_at = None if sent_ago is None else time.monotonic() - sent_ago
+    limiter.on_success(RateSignals(limit_requests=600, remaining_requests=0), tokens=5, sent_at=sent_at)
+    _timed(limiter, [5])  # its bucket of 1 s was empty when the server counted that request
+    assert budget.floors[0][0] == pytest.approx(floor, abs=0.05)
+
+
 def test_a_limiter_started_later_uses_the_burst_the_others_learned() -> None:
     """A run that starts while others have spent most of a large bucket (a minute, on OpenAI) does not queue
     behind their reservations as if the bucket held 1 s: the learned burst is shared through the budget

@@ -118,6 +118,7 @@ async def call_with_retries(
                 raise StopRequested
             provider.usage.requests += 1
             provider.usage.inputs += inputs
+            sent_at = time.monotonic()
             try:
                 answer = await send()
             except ProviderError as exc:
@@ -125,7 +126,7 @@ async def call_with_retries(
             except Exception as exc:  # noqa: BLE001 - unexpected errors are treated as transient
                 error = ProviderError(f"{type(exc).__name__}: {exc}", "transient")
             else:
-                policy.limiter.on_success(provider.last_signals, tokens=tokens, next_tokens=tokens)
+                policy.limiter.on_success(provider.last_signals, tokens=tokens, next_tokens=tokens, sent_at=sent_at)
                 return answer, attempt
         if error.kind == "fatal":
             raise FatalProviderError(f"{provider.name} {provider.model}: {error_message(error)}") from None
