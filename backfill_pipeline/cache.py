@@ -13,11 +13,10 @@ import hashlib
 import json
 import math
 import sqlite3
+import sys
 from typing import Protocol
 
 import numpy as np
-import psycopg
-import redis.exceptions
 
 from .stores.base import ConnectionLostError, Ledger
 
@@ -40,13 +39,17 @@ class ResultCache(Protocol):
 
 # waits before the retries of a put that met a cache server away (a restart): 15.5 s in all
 KEEP_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
-_AWAY = (
-    ConnectionLostError,
-    OSError,
-    psycopg.OperationalError,
-    sqlite3.OperationalError,
-    redis.exceptions.ConnectionError,
-)
+
+
+def _away(exc: Exception) -> bool:
+    """The cache's server is away (restarting, unreachable), which a wait can mend; a refusal cannot. The
+    drivers' errors are looked up only when loaded: a process using neither does not import them."""
+    kinds: list[type[BaseException]] = [ConnectionLostError, OSError, sqlite3.OperationalError]
+    if (psycopg := sys.modules.get("psycopg")) is not None:
+        kinds.append(psycopg.OperationalError)
+    if (redis := sys.modules.get("redis.exceptions")) is not None:
+        kinds.append(redis.ConnectionError)
+    return isinstance(exc, tuple(kinds))
 
 
 async def keep_paid(cache: ResultCache, items: dict[str, bytes], waits: tuple[float, ...] = KEEP_RETRY_SECONDS) -> None:
@@ -55,7 +58,9 @@ async def keep_paid(cache: ResultCache, items: dict[str, bytes], waits: tuple[fl
     for wait in waits:
         try:
             return await cache.put_many(items)
-        except _AWAY:
+        except Exception as exc:
+            if not _away(exc):
+                raise
             await asyncio.sleep(wait)
     await cache.put_many(items)
 
