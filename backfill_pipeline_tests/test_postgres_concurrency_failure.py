@@ -263,3 +263,27 @@ def test_keep_paid_gives_up_at_once_on_an_error_a_wait_cannot_mend() -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         asyncio.run(keep_paid(cache, {"k": b"v"}, waits=(5.0,)))
     assert cache.calls == 1
+
+
+def test_keep_paid_waits_for_a_redis_that_is_away_then_says_so() -> None:
+    """Nothing listens on the port: each put is refused a connection, which a restart would mend, so the
+    answers are offered again after each wait; the last refusal is raised, not swallowed."""
+    import asyncio
+
+    import redis
+
+    from backfill_pipeline.cache import RedisCache, keep_paid
+
+    cache = RedisCache("redis://127.0.0.1:9/15", ttl_days=1)
+    calls = 0
+    put = cache.put_many
+
+    async def counted(items: dict[str, bytes]) -> None:
+        nonlocal calls
+        calls += 1
+        await put(items)
+
+    cache.put_many = counted  # type: ignore[method-assign]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        asyncio.run(keep_paid(cache, {"k": b"v"}, waits=(0.05, 0.05)))
+    assert calls == 3
