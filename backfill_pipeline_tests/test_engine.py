@@ -158,3 +158,17 @@ def test_a_stop_belongs_to_the_run_it_was_asked_for_in() -> None:
         assert not stopping.requested()
     finally:
         stopping.reset()
+
+
+def test_a_stage_ends_with_its_last_answer_not_a_poll_later() -> None:
+    """Nothing is followed from another run: the stage returns as its sending ends. It used to sleep out a
+    poll of ``claim_poll_seconds`` first, on every window of every stage (here it would be 30 s)."""
+    import time
+
+    provider = PickyEmbedder()
+    started = time.monotonic()
+    outcome = asyncio.run(
+        embed_texts(provider, ["one", "two"], batch_size=8, policy=CallPolicy(claim_poll_seconds=30.0))
+    )
+    assert outcome.ok.all()
+    assert time.monotonic() - started < 10.0

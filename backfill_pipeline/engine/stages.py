@@ -257,9 +257,14 @@ async def run_stage(
 
     async def follow(sending: asyncio.Future) -> None:
         """Texts another run is paying for: take its answer from the cache when it arrives, or pay for
-        the text here if that run's claim lapses (it was stopped or killed) without one."""
+        the text here if that run's claim lapses (it was stopped or killed) without one. It ends with the
+        sending when nothing is followed (a poll's sleep after the last answer delayed every stage's end
+        by up to ``claim_poll_seconds``, half of it on average)."""
         while (elsewhere or not sending.done()) and not policy.stop():
-            await asyncio.sleep(policy.claim_poll_seconds)
+            if sending.done():
+                await asyncio.sleep(policy.claim_poll_seconds)
+            else:
+                await asyncio.wait({sending}, timeout=policy.claim_poll_seconds)
             if not elsewhere:
                 continue
             answers = await policy.cache.get_many(sorted(elsewhere))
