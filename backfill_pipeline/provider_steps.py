@@ -94,17 +94,11 @@ def run_windows(
         policy.stop, policy.stop_grace_seconds = stopping.requested, dataset.stop_grace_seconds
         one_at_a_time = asyncio.Lock()  # the store's connection takes one transaction at a time
         ids: list[object] = []  # the current window's ids, for failures recorded as they come
-        unrecorded: list[Failure] = []  # paid failures the database was away for: recorded with the next ones
 
         async def record_now(failed: list[RowFailure]) -> None:
-            found = unrecorded + [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
+            found = [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
             async with one_at_a_time:
-                try:
-                    await asyncio.to_thread(store.ledger.record_failures, found)
-                except Exception:
-                    unrecorded[:] = found
-                    raise
-            unrecorded.clear()
+                await asyncio.to_thread(store.ledger.record_failures, found)
 
         policy.record_failures = record_now
         if run.spec.mode == "batch":
@@ -147,10 +141,7 @@ def run_windows(
                     run.unsent += window.unsent
                     run.recorded |= {ids[f.index] for f in window.failures if f.recorded}
                     async with one_at_a_time:
-                        if await asyncio.to_thread(
-                            _record_failures, store, failure_stage, window.table, log, run.recorded
-                        ):
-                            unrecorded.clear()  # the window's failures, these among them, are recorded
+                        await asyncio.to_thread(_record_failures, store, failure_stage, window.table, log, run.recorded)
                     del window  # its vectors: not held while the next window is worked
                     release_memory()
             finally:
@@ -313,19 +304,16 @@ def _write_if_stopped(
     return {"outcome": "stopped", "rows_written": rows, "stopped_by": stopping.reason()}
 
 
-def _record_failures(store: Store, stage: str, table: pa.Table, log: Log, recorded: set[object]) -> bool:
+def _record_failures(store: Store, stage: str, table: pa.Table, log: Log, recorded: set[object]) -> None:
     """Record a window's failed rows as soon as it ends, not at the write: an answer that failed validation
-    was paid for and is not cached, so a run killed before its write must not ask for it again. False when
-    the database could not take them (the write step records them)."""
+    was paid for and is not cached, so a run killed before its write must not ask for it again."""
     failed = stage_failures(stage, table)
     for f in failed:
         log.warning(f"{stage} failed for row id {f.row_id}: [{f.error_class}] {f.message}")
     failed = [f for f in failed if f.row_id not in recorded]  # the engine recorded paid ones as they came
     if not failed:
-        return True
+        return
     try:
         store.ledger.record_failures(failed)
     except Exception as exc:  # noqa: BLE001 - failing the step now would pay for its rows again; the write records them
         log.warning(f"could not record {len(failed)} {stage} failures yet ({exc}); the write step will")
-        return False
-    return True

@@ -172,3 +172,28 @@ def test_a_stage_ends_with_its_last_answer_not_a_poll_later() -> None:
     )
     assert outcome.ok.all()
     assert time.monotonic() - started < 10.0
+
+
+def test_paid_failures_the_database_missed_are_recorded_with_the_next_ones() -> None:
+    """An unusable answer was paid for and is not cached: when recording it fails (the database away), the
+    next recording takes it along, so a kill before the step's end does not pay for it again."""
+
+    class NonFinite(PickyEmbedder):
+        async def embed(self, texts: list[str]) -> np.ndarray:
+            return np.full((len(texts), 4), np.nan, dtype=np.float32)
+
+    calls: list[list[int]] = []
+
+    async def record(failed: list) -> None:
+        calls.append([f.index for f in failed])
+        if len(calls) == 1:
+            raise ConnectionError("the database is restarting")
+
+    policy = CallPolicy()
+    policy.record_failures = record
+    outcome = asyncio.run(embed_texts(NonFinite(), ["a", "b"], batch_size=1, policy=policy, max_in_flight=1))
+    assert calls == [[0], [0, 1]]
+    assert [(f.index, f.error_class, f.recorded) for f in outcome.failures] == [
+        (0, "invalid_output", True),
+        (1, "invalid_output", True),
+    ]

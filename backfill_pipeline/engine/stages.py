@@ -157,6 +157,7 @@ async def run_stage(
     size = min(batch_size, provider.max_batch_size)
 
     recorded: set[int] = set()
+    unrecorded: list[RowFailure] = []  # paid failures the database was away for: recorded with the next ones
 
     def fail(members: list[int], error: str, message: str, attempts: int = 1) -> list[RowFailure]:
         made = [RowFailure(m, error, message, attempts) for m in members]
@@ -169,10 +170,12 @@ async def run_stage(
         does not ask for them again (nor would a retry of the step, the rows now cooling down)."""
         paid = [f for f in paid if f.error_class not in ("transient", "rate_limit")]  # those were not answered
         if paid and policy.record_failures is not None:
+            paid, unrecorded[:] = unrecorded + paid, []
             try:
                 await policy.record_failures(paid)
                 recorded.update(f.index for f in paid)
-            except Exception:  # noqa: BLE001 - the step records them when it ends
+            except Exception:  # noqa: BLE001 - the next ones take them, or the step when it ends
+                unrecorded.extend(paid)
                 return
 
     def settle(members: list[int]) -> None:
