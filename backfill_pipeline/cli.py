@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import stopping
+from . import head_start, stopping
 from .cli_datasets import (
     EXACT,
     cmd_coverage,
@@ -28,8 +28,6 @@ from .cli_datasets import (
     each_dataset,
     register_all,
 )
-from .cli_materialize import materialize_partitions
-from .cli_runs import cli_instance, fail_dead_cli_runs
 from .cli_tables import COVERAGE_HEADERS, coverage_rows, print_table
 from .config import BackfillConfig, ConfigError, demo_config_path, load_config
 from .partition_args import named_partitions, partitions_to_run
@@ -39,6 +37,12 @@ from .redact import mask_secrets
 from .run_summary import RunSummary
 from .stores import StoreError, open_store
 from .stores.sqlite_rows import sqlite_path
+
+
+def cli_instance():  # noqa: ANN201 - a DagsterInstance: Dagster is imported by the commands that need it
+    from .cli_runs import cli_instance as instance
+
+    return instance()
 
 
 def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
@@ -59,6 +63,10 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
     stopping.reset()
     stopping.exit_on_second_signal()
+    head = head_start.begin(config, args.dataset, enabled=not args.no_head_start)  # before Dagster is imported
+    from .cli_materialize import materialize_partitions
+    from .cli_runs import fail_dead_cli_runs
+
     instance = cli_instance()
     for run_id in fail_dead_cli_runs(instance):
         print(f"run {run_id[:8]} was left unfinished by a process that is gone; marked failed")
@@ -74,7 +82,11 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
             keys_of[name] = list(limits_of[name] or {})
     if not _confirmed(config, args, keys_of):
         print("nothing done")
+        if head is not None:
+            head.finish(sys.stderr)
         return 1
+    if head is not None:  # the partitions of the first dataset, settled and confirmed: it may pay
+        head.go(keys_of.get(head.name, []), limits_of.get(head.name), args.force)
     summary, started = RunSummary(), time.monotonic()
     lines = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON document alone
     for name, keys in keys_of.items():
@@ -91,6 +103,8 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
             args.config, name, keys, force=args.force, limits=limits_of[name], parallel=args.parallel,
             summary=summary, out=lines,
         )  # fmt: skip
+    if head is not None:
+        summary.totals.update(head.finish(lines))
     summary.seconds = time.monotonic() - started
     status = stopping.EXIT_AT_ONCE if stopping.requested() else 0 if ok else 1
     if args.json:
@@ -235,6 +249,8 @@ def cmd_demo(config: BackfillConfig, args: argparse.Namespace) -> int:
         COVERAGE_HEADERS,
         coverage_rows(name, dataset, by_partition=False),
     )
+    from .cli_materialize import materialize_partitions
+
     print(f"\nmaterializing {len(keys)} partitions of the whole graph:")
     started = time.monotonic()
     ok = materialize_partitions(args.config or str(demo_config_path()), name, keys)
@@ -299,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="partitions run at once, each in its own process")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation at a terminal")
     p.add_argument("--json", action="store_true", help="the summary as one JSON document on stdout")
+    p.add_argument(
+        "--no-head-start",
+        action="store_true",
+        help="send nothing before the first run's step (by default the first requests leave while Dagster starts)",
+    )
     p = add("pools", cmd_pools, "show (or set) the concurrency limits of the provider-calling pools", False)
     p.add_argument("--embedding", type=int, help="set: embedding steps running at once, over all runs")
     p.add_argument("--llm", type=int, help="set: enrichment steps running at once, over all runs")

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from .cli_runs import cli_instance
 from .cli_tables import COVERAGE_HEADERS, coverage_json, coverage_rows, print_table
 from .config import BackfillConfig, ConfigError, DatasetConfig
 from .partitions import is_dynamic, partition_activity, register_partitions
@@ -93,6 +92,8 @@ def register_dataset(name: str, dataset: DatasetConfig) -> list[str]:
         kind = dataset.partitioning.kind
         print(f"{name}: {len(keys)} {kind} partitions hold rows (defined by the config; nothing to register)")
         return keys
+    from .cli_runs import cli_instance
+
     added = register_partitions(cli_instance(), name, keys)
     print(f"{name}: {len(keys)} partitions ({len(added)} newly registered)")
     return keys

@@ -66,9 +66,21 @@ def _run_partition(config_path: str | None, name: str, key: str, force: bool, li
         held = mat.metadata.get("held_by_run")
         if held is not None and result.success:
             status = f"SKIPPED (held by run {str(held.value)[:8]}, which is still working on it)"
+    if not result.success and not stopping.requested() and _interrupted(result):
+        stopping.interrupted("an interrupt")  # between steps Dagster's handler had the signal: stop the others too
     if not result.success and stopping.requested():
         status, written = STATUS_STOPPED, stopping.written() - written_before
     return key, status, written, time.monotonic() - started, result.run_id, partition_figures(metadata)
+
+
+def _interrupted(result: object) -> bool:
+    """Whether Dagster ended the run for a SIGINT or SIGTERM that came between its steps (within a step the
+    graceful stop has the signal)."""
+    for event in getattr(result, "all_events", []):
+        error = getattr(event.event_specific_data, "error", None)
+        if error is not None and error.cls_name == "DagsterExecutionInterruptedError":
+            return True
+    return False
 
 
 STATUS_STOPPED = "STOPPED (completed rows written, the rest left for the next run)"

@@ -6,8 +6,7 @@ An unknown name is one line that lists the nearest keys, never a ``DagsterUnknow
 from __future__ import annotations
 
 import difflib
-
-import dagster as dg
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, DatasetConfig
 from .partitions import (
@@ -19,6 +18,9 @@ from .partitions import (
     slugify,
 )
 from .stores import open_store
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def resolve_partition(given: str, name: str, dataset: DatasetConfig, known: list[str]) -> str:

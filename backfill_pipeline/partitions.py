@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta, timezone
-
-import dagster as dg
+from typing import TYPE_CHECKING
 
 from .config import DatasetConfig
 from .stores import PartitionSpec, RowStore, SchemaError
 from .stores.groups import Grouping, WorkTest, hash_bucket
+
+if TYPE_CHECKING:  # Dagster is imported where it is used: the CLI reaches its first paid requests without it
+    import dagster as dg
 
 KEY_DIGITS = 10
 NULL_ARCHIVE_KEY = "__null__"
@@ -33,6 +35,8 @@ def is_dynamic(dataset: DatasetConfig) -> bool:
 
 
 def partitions_def_for(name: str, dataset: DatasetConfig | None = None) -> dg.PartitionsDefinition:
+    import dagster as dg
+
     spec = dataset.partitioning if dataset is not None else None
     if spec is None or spec.kind in ("id_range", "archive"):
         return dg.DynamicPartitionsDefinition(name=partitions_name(name))

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import start_gate, stopping
+from . import head_start, start_gate, stopping
 from .config import DatasetConfig, ProviderSpec
 from .embed_ahead import EmbeddingsAhead, embeddings_ahead, embeds_ahead
 from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
@@ -154,6 +154,7 @@ def run_windows(
                     run.ahead_metadata = ahead.metadata()
 
         start_gate.started()  # the run's start-up is over: the next partition's may begin
+        head_start.taken_over()  # and the CLI's head start hands its texts to the runs
         try:
             asyncio.run(go())
         except BaseException:

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-_PAID = ("requests", "input_tokens", "output_tokens", "cache_hits", "rate_limited", "cost_usd")
+PAID = ("requests", "input_tokens", "output_tokens", "cache_hits", "rate_limited", "cost_usd")
 
 # asset -> {metadata key: summary key}; keys given twice are added up
 FIGURES = {
@@ -25,13 +25,13 @@ FIGURES = {
         "rows_write_rejected": "rows_failed_write",
     },
     "llm_enrichment": {
-        **{f"provider_{k}": f"enrichment_{k}" for k in _PAID},
+        **{f"provider_{k}": f"enrichment_{k}" for k in PAID},
         # embeddings sent alongside the enrichment (see embed_ahead): the embedding stage's, found by the
         # embeddings step as cache hits
-        **{f"embedding_ahead_{k}": f"embedding_{k}" for k in _PAID if k != "cache_hits"},
+        **{f"embedding_ahead_{k}": f"embedding_{k}" for k in PAID if k != "cache_hits"},
         "embedding_ahead_rows": "embedding_ahead_rows",
     },
-    "embeddings": {f"provider_{k}": f"embedding_{k}" for k in _PAID},
+    "embeddings": {f"provider_{k}": f"embedding_{k}" for k in PAID},
 }
 
 

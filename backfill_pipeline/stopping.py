@@ -52,6 +52,14 @@ def request(why: str) -> None:
     _requested.set()
 
 
+def interrupted(why: str) -> None:
+    """A signal another handler received (Dagster's, between a run's steps) asks for the graceful stop: it
+    counts as this process's first, so the next one stops at once."""
+    _seen["signals"] = max(_seen["signals"], 1)
+    if not requested():
+        request(why)
+
+
 def enter_run(run_id: str) -> None:
     """Called by each step: a stop asked for during an earlier run of this process (a notebook, a test)
     does not stop the next one."""

@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 
 from ..config import ConfigError, DatasetConfig, EnvRef, ProviderSpec
-from ..providers import build_embedding_provider, build_enrichment_provider
+from ..providers import DEFAULT_KEY_ENV, api_key_from, build_embedding_provider, build_enrichment_provider
 from ..providers.base import EmbeddingProvider, EnrichmentProvider
 from ..stores import Store, open_store
 
@@ -54,12 +54,7 @@ class ProviderKeyResource(dg.ConfigurableResource):
 
     def api_key(self, default_env: str | None) -> str | None:
         """The key, or None to let the provider look in its SDK's usual variables."""
-        if not self.api_key_env:
-            return None
-        value = os.environ.get(self.api_key_env, "").strip()
-        if not value and self.api_key_env != default_env:
-            raise ConfigError(f"no API key: environment variable {self.api_key_env} ({self.setting}) is not set")
-        return value or None
+        return api_key_from(self.api_key_env, default_env, self.setting)
 
 
 def database_resource(name: str, dataset: DatasetConfig) -> DatabaseResource:
@@ -72,9 +67,6 @@ def database_resource(name: str, dataset: DatasetConfig) -> DatabaseResource:
 def provider_key_resource(spec: ProviderSpec, stage: str) -> ProviderKeyResource:
     env = None if spec.provider in ("offline", "local") else spec.resolved_api_key_env
     return ProviderKeyResource(api_key_env=env, base_url=spec.base_url, setting=f"{stage}.api_key_env")
-
-
-_DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
 
 
 def _with_base_url(spec: Any, key: ProviderKeyResource) -> Any:
@@ -93,11 +85,11 @@ class DatasetResources:
 
     def embedding_provider(self, dataset: DatasetConfig) -> EmbeddingProvider:
         spec = _with_base_url(dataset.embedding, self.embedding_key)
-        return build_embedding_provider(spec, self.embedding_key.api_key(_DEFAULT_KEY_ENV.get(spec.provider)))
+        return build_embedding_provider(spec, self.embedding_key.api_key(DEFAULT_KEY_ENV.get(spec.provider)))
 
     def enrichment_provider(self, dataset: DatasetConfig) -> EnrichmentProvider:
         spec = _with_base_url(dataset.enrichment, self.enrichment_key)
-        return build_enrichment_provider(spec, self.enrichment_key.api_key(_DEFAULT_KEY_ENV.get(spec.provider)))
+        return build_enrichment_provider(spec, self.enrichment_key.api_key(DEFAULT_KEY_ENV.get(spec.provider)))
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec
+import os
+
+from ..config import ConfigError, EmbeddingSpec, EnrichmentSpec, ProviderSpec
 from .base import EmbeddingProvider, EnrichmentProvider
 from .offline_embedding import OfflineEmbeddingProvider
 from .offline_enrichment import OfflineEnrichmentProvider
+
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
+
+
+def api_key_from(env: str | None, default_env: str | None, setting: str) -> str | None:
+    """The key in variable ``env``, or None to let the provider look in its SDK's usual variables (when
+    ``env`` is the SDK's own); a variable named in the config and unset is an error naming the key."""
+    if not env:
+        return None
+    value = os.environ.get(env, "").strip()
+    if not value and env != default_env:
+        raise ConfigError(f"no API key: environment variable {env} ({setting}) is not set")
+    return value or None
+
+
+def read_api_key(spec: ProviderSpec, stage: str) -> str | None:
+    """A provider's key as the runs read it (see ``ProviderKeyResource``), outside Dagster."""
+    env = None if spec.provider in ("offline", "local") else spec.resolved_api_key_env
+    return api_key_from(env, DEFAULT_KEY_ENV.get(spec.provider), f"{stage}.api_key_env")
 
 
 def build_embedding_provider(spec: EmbeddingSpec, api_key: str | None = None) -> EmbeddingProvider:
@@ -65,4 +86,4 @@ def warm_up(spec: EmbeddingSpec | EnrichmentSpec) -> None:
         build_embedding_provider(spec).warm_up()  # type: ignore[attr-defined]
 
 
-__all__ = ["build_embedding_provider", "build_enrichment_provider", "warm_up"]
+__all__ = ["api_key_from", "build_embedding_provider", "build_enrichment_provider", "read_api_key", "warm_up"]

@@ -1,0 +1,311 @@
+"""The first paid requests of a ``materialize`` while Dagster starts.
+
+A CLI command spends its first seconds importing Dagster, opening its instance and starting the first
+run before a step sends anything (about 3 s on two cores): against a provider's rate limit, seconds of a
+full bucket left unused. So ``materialize`` forks a head start before it imports Dagster. On the other
+core it imports the provider's SDK, opens the database and checks the model; once the CLI has settled
+which partitions it runs (and the operator confirmed), it reads the first partition's rows, classifies
+them as the detection step does, and sends the first window of rows needing work through the engine,
+under the same rate budget, paid-results cache and claims as the runs.
+
+The head start stops as soon as the first run's paid step begins (:func:`taken_over`): its requests in
+flight are answered and cached, the claims on its other texts are released. That step finds the answers
+in the cache, follows those still in flight, and pays for the rest itself, so no text is paid twice. The
+head start writes nothing (the runs do) and is an optimisation only: when it cannot start, its one line
+says why and the runs do its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import stopping
+from .config import BackfillConfig, DatasetConfig, EmbeddingSpec, EnrichmentSpec, ProviderSpec
+from .redact import mask_secrets
+
+GO, CANCEL = "go", "cancel"
+WAIT_SECONDS = 600.0  # for the CLI's go: confirmation at a terminal, the instance, the keys
+
+_handoff: dict[str, Any] = {"event": None}
+
+
+def taken_over() -> None:
+    """Called by a run's paid step as it begins (in the CLI's process or a worker it forked): the head
+    start sends nothing more."""
+    event = _handoff["event"]
+    if event is not None:
+        event.set()
+
+
+def first_stage(dataset: DatasetConfig) -> EmbeddingSpec | EnrichmentSpec:
+    return dataset.enrichment if dataset.enrichment.enabled else dataset.embedding
+
+
+def why_not(dataset: DatasetConfig) -> str | None:
+    """Why the dataset's first requests cannot go ahead of Dagster, or None when they can: its first stage
+    calls a paid provider in real time, and a cache hands the answers to the runs."""
+    spec = first_stage(dataset)
+    if spec.provider in ("offline", "local"):
+        return "nothing is paid for"
+    if spec.mode == "batch":
+        return "batch mode submits a partition as a whole"
+    if dataset.cache.backend == "none":
+        return "no cache (cache.backend: none) to hand its answers to the runs"
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "this platform cannot fork"
+    return None
+
+
+@dataclass
+class HeadStart:
+    """The CLI's handle on its head start process."""
+
+    name: str
+    process: Any
+    conn: Any
+    handoff: Any
+    sent: bool = False
+
+    def go(self, keys: list[str], limits: dict[str, int] | None, force: bool) -> None:
+        """The partitions the CLI runs, in order, their row limits (``--limit``) and ``--force``: the head
+        start may pay."""
+        if not self.sent:
+            self.conn.send((GO, keys, limits, force))
+            self.sent = True
+
+    def finish(self, out: Any) -> dict[str, float]:
+        """Stop it (if the runs did not), wait for its requests in flight, print its line on ``out``;
+        return its figures for the run summary."""
+        self.handoff.set()
+        if not self.sent:
+            self.conn.send((CANCEL, [], None, False))
+            self.sent = True
+        report: dict[str, Any] = {}
+        with stopping.graceful_signals(at_once=self.process.kill):  # a second Ctrl+C does not wait for it
+            answered = self.conn.poll(60.0)
+        if answered:
+            try:
+                report = self.conn.recv()
+            except EOFError:  # it died (a second Ctrl+C): its paid answers are in the cache already
+                report = {}
+        self.process.join(5.0)
+        if self.process.is_alive():
+            self.process.kill()
+        if report.get("line"):
+            print(f"head start: {report['line']}", file=out)
+        return dict(report.get("figures", {}))
+
+
+def begin(config: BackfillConfig, dataset_name: str | None, enabled: bool = True) -> HeadStart | None:
+    """Fork the head start for the first dataset ``materialize`` runs, or None when it cannot help."""
+    names = [dataset_name] if dataset_name else list(config.datasets)
+    if not enabled or not names or names[0] not in config.datasets:
+        return None
+    name, dataset = names[0], config.datasets[names[0]]
+    if why_not(dataset) is not None:
+        return None
+    context = multiprocessing.get_context("fork")
+    handoff = context.Event()
+    theirs, ours = context.Pipe(duplex=True)
+    process = context.Process(
+        target=_child, args=(name, dataset, theirs, ours, handoff, os.getpid()), name="head-start", daemon=True
+    )
+    process.start()
+    theirs.close()
+    _handoff["event"] = handoff  # inherited by the workers forked later
+    return HeadStart(name, process, ours, handoff)
+
+
+# -- the head start process ------------------------------------------------------------------------------
+@dataclass
+class _Log:
+    """Warnings to stderr, as the runs' console logger shows them; the rest is for the runs' event logs."""
+
+    warnings: list[str] = field(default_factory=list)
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def _child(name: str, dataset: DatasetConfig, conn: Any, parents: Any, handoff: Any, parent: int) -> None:
+    parents.close()
+    stopping.install_for_process()  # Ctrl+C reaches it too: it finishes its requests in flight and stops
+    started = time.monotonic()
+    try:
+        report = asyncio.run(_work(name, dataset, conn, handoff, parent, started))
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the runs do its rows and meet the same error
+        report = {"line": f"stopped ({mask_secrets(f'{type(exc).__name__}: {exc}')[:300]}); the runs do its rows"}
+    with contextlib.suppress(BrokenPipeError, OSError):  # the CLI is gone
+        conn.send(report)
+    sys.stdout.flush()
+    os._exit(0)  # not the CLI's exit handlers, inherited by the fork
+
+
+async def _work(name: str, dataset: DatasetConfig, conn: Any, handoff: Any, parent: int, started: float) -> dict:
+    from .engine import RowFailure, embed_texts, enrich_texts
+    from .providers import build_embedding_provider, build_enrichment_provider, read_api_key, warm_up
+    from .stores import Failure, open_store
+
+    spec = first_stage(dataset)
+    warm_up(spec)  # the SDK and the tokenizer, while the CLI imports Dagster
+    enriching = isinstance(spec, EnrichmentSpec)
+    stage_name = "enrichment" if enriching else "embedding"
+    provider: Any = (
+        build_enrichment_provider(spec, read_api_key(spec, stage_name))
+        if isinstance(spec, EnrichmentSpec)
+        else build_embedding_provider(spec, read_api_key(spec, stage_name))
+    )
+    stop: Callable[[], bool] = lambda: handoff.is_set() or stopping.requested() or os.getppid() != parent  # noqa: E731
+    with open_store(name, dataset) as store:
+        await provider.preflight()
+        kind, keys, limits, force = await asyncio.to_thread(_wait_for_go, conn, parent)
+        if kind != GO or stop():
+            await provider.aclose()
+            return {}
+        todo = await asyncio.to_thread(_first_window, store, dataset, keys, limits or {}, force)
+        flag = "needs_enrichment" if enriching else "needs_embedding"
+        todo = todo.filter(pc.fill_null(todo.column(flag), False)) if todo.num_rows else todo
+        if not todo.num_rows or (not enriching and dataset.embedding.include_enrichment):
+            await provider.aclose()
+            return {}
+        ids = todo.column("id").to_pylist()
+        policy = _policy(dataset, spec, store, stop)
+        lock = asyncio.Lock()  # the store's connection takes one transaction at a time
+
+        async def record(failed: list[RowFailure]) -> None:
+            found = [Failure(ids[f.index], stage_name, f.error_class, f.message) for f in failed]
+            async with lock:
+                await asyncio.to_thread(store.ledger.record_failures, found)
+
+        policy.record_failures = record
+        ahead = _ahead(dataset, store, stop) if enriching else None
+        first = time.monotonic() - started
+        texts = todo.column("text").to_pylist()
+        try:
+            alongside = asyncio.ensure_future(ahead.window(todo)) if ahead is not None else None
+            if enriching:
+                await enrich_texts(provider, texts, batch_size=spec.batch_size, policy=policy)
+            else:
+                await embed_texts(provider, texts, batch_size=spec.batch_size, policy=policy)
+            if alongside is not None:
+                await alongside
+        finally:
+            await provider.aclose()
+            await policy.cache.aclose()
+            if ahead is not None:
+                await ahead.aclose()
+    return _report(stage_name, provider.usage, spec, first, ahead, dataset)
+
+
+def _policy(dataset: DatasetConfig, spec: ProviderSpec, store: Any, stop: Callable[[], bool]) -> Any:
+    from .policy import build_policy
+
+    policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
+    policy.stop, policy.stop_grace_seconds = stop, dataset.stop_grace_seconds
+    return policy
+
+
+def _ahead(dataset: DatasetConfig, store: Any, stop: Callable[[], bool]) -> Any:
+    from .embed_ahead import embeddings_ahead, embeds_ahead
+    from .providers import build_embedding_provider, read_api_key
+
+    if not embeds_ahead(dataset):
+        return None
+    provider = build_embedding_provider(dataset.embedding, read_api_key(dataset.embedding, "embedding"))
+    return embeddings_ahead(dataset, provider, store.ledger, stop, _Log())
+
+
+def _wait_for_go(conn: Any, parent: int) -> tuple[str, list[str], dict[str, int] | None, bool]:
+    waited = 0.0
+    while waited < WAIT_SECONDS:
+        if conn.poll(0.1):
+            try:
+                return conn.recv()
+            except EOFError:
+                break
+        waited += 0.1
+        if os.getppid() != parent:
+            break
+    return CANCEL, [], None, False
+
+
+def _first_window(store: Any, dataset: DatasetConfig, keys: list[str], limits: dict[str, int], force: bool) -> pa.Table:
+    """The first ``rows_in_memory`` rows needing work, partitions in the CLI's order, classified as the
+    detection step does (failures cooling down left out, ``--limit`` applied)."""
+    found: list[pa.Table] = []
+    count = 0
+    with contextlib.closing(_detected(store, dataset, keys, limits, force)) as tables:
+        for detected in tables:
+            work = _needs_work(detected)
+            detected = detected.filter(work).select(["id", "text", "needs_embedding", "needs_enrichment"])
+            found.append(detected.slice(0, dataset.rows_in_memory - count))
+            count += found[-1].num_rows
+            if count >= dataset.rows_in_memory:
+                break
+    return pa.concat_tables(found) if found else pa.table({})
+
+
+def _needs_work(detected: pa.Table) -> pa.ChunkedArray:
+    return pc.or_(detected.column("needs_embedding"), detected.column("needs_enrichment"))
+
+
+def _detected(
+    store: Any, dataset: DatasetConfig, keys: list[str], limits: dict[str, int], force: bool
+) -> Generator[pa.Table, None, None]:
+    from .detection import apply_limit, detect
+    from .partitions import partition_spec
+
+    for key in keys:
+        left = limits.get(key)
+        part = partition_spec(key, dataset, store.rows)
+        with contextlib.closing(store.rows.read_batches(part, dataset.read_batch_size)) as batches:
+            for batch in batches:
+                table = pa.Table.from_batches([batch])
+                ids = table.column("id").to_pylist()
+                cooling = set() if force else store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
+                detected = detect(table, dataset, force=force, cooling_ids=cooling)
+                if left is not None:
+                    before = int(pc.sum(_needs_work(detected)).as_py() or 0)
+                    detected = apply_limit(detected, left)
+                    left -= min(before, left)
+                yield detected
+                if left == 0:
+                    break
+
+
+def _report(stage: str, usage: Any, spec: ProviderSpec, first: float, ahead: Any, dataset: DatasetConfig) -> dict:
+    """Its line, and its figures for the summary: what it paid for, under the stage's own names; the runs
+    counted those answers as cache hits, which this command paid for (so they are taken off again)."""
+    from .reporting import usage_metadata
+    from .run_summary import PAID
+
+    figures: dict[str, float] = {}
+    for prefix, what, spec_of in (("provider", stage, spec), ("embedding_ahead", "embedding", dataset.embedding)):
+        if prefix == "embedding_ahead" and ahead is None:
+            continue
+        paid = usage if prefix == "provider" else ahead.provider.usage
+        values = usage_metadata(paid, spec_of)
+        for k in PAID:
+            figures[f"{what}_{k}"] = figures.get(f"{what}_{k}", 0) + values[f"provider_{k}"]
+        figures[f"{what}_cache_hits"] -= paid.inputs
+    line = (
+        f"{usage.inputs} texts paid for ({stage}, {usage.requests} requests, sending from {first:.1f}s after it "
+        "forked) while Dagster started; the runs took the answers from the cache"
+    )
+    if ahead is not None and ahead.provider.usage.inputs:
+        line += f", with {ahead.provider.usage.inputs} embeddings sent alongside"
+    return {"line": line, "figures": figures}
