@@ -63,7 +63,8 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
     ok = True
     stopping.reset()
     stopping.exit_on_second_signal()
-    head = head_start.begin(config, args.dataset, enabled=not args.no_head_start)  # before Dagster is imported
+    asked = head_start.Asked(args.force, args.limit, tuple(args.partition or ()), bool(args.partition_of))
+    head = head_start.begin(config, args.dataset, asked, enabled=not args.no_head_start)  # before Dagster is imported
     from .cli_materialize import materialize_partitions
     from .cli_runs import fail_dead_cli_runs
 
@@ -86,7 +87,7 @@ def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
             head.finish(sys.stderr)
         return 1
     if head is not None:  # the partitions of the first dataset, settled and confirmed: it may pay
-        head.go(keys_of.get(head.name, []), limits_of.get(head.name), args.force)
+        head.go(keys_of.get(head.name, []))
     summary, started = RunSummary(), time.monotonic()
     lines = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON document alone
     for name, keys in keys_of.items():

@@ -36,6 +36,10 @@ from .redact import mask_secrets
 
 GO, CANCEL = "go", "cancel"
 WAIT_SECONDS = 600.0  # for the CLI's go: confirmation at a terminal, the instance, the keys
+# rows it reads and sends: seconds of a provider's budget at a tier's limits (about 6 s of 5M tokens a minute
+# at 1,000 tokens a row; of 5,000 chat requests a minute), more than the first run takes to reach its step;
+# fewer than a window of a run, to be read sooner (0.1 s less than 2,000 rows of 4 KB)
+ROWS = 500
 
 _handoff: dict[str, Any] = {"event": None}
 
@@ -67,6 +71,18 @@ def why_not(dataset: DatasetConfig) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What the command asks for, as far as it is known before Dagster: ``--force``, ``--limit`` (rows of
+    work over the partitions in order, as the plan shares it), the partitions named (``--partition``), and
+    whether rows were named (``--partition-of``)."""
+
+    force: bool = False
+    limit: int | None = None
+    partitions: tuple[str, ...] = ()
+    of_ids: bool = False
+
+
 @dataclass
 class HeadStart:
     """The CLI's handle on its head start process."""
@@ -77,11 +93,10 @@ class HeadStart:
     handoff: Any
     sent: bool = False
 
-    def go(self, keys: list[str], limits: dict[str, int] | None, force: bool) -> None:
-        """The partitions the CLI runs, in order, their row limits (``--limit``) and ``--force``: the head
-        start may pay."""
+    def go(self, keys: list[str]) -> None:
+        """The partitions the CLI runs, in order, settled and confirmed: the head start may pay."""
         if not self.sent:
-            self.conn.send((GO, keys, limits, force))
+            self.conn.send((GO, keys))
             self.sent = True
 
     def finish(self, out: Any) -> dict[str, float]:
@@ -89,7 +104,7 @@ class HeadStart:
         return its figures for the run summary."""
         self.handoff.set()
         if not self.sent:
-            self.conn.send((CANCEL, [], None, False))
+            self.conn.send((CANCEL, []))
             self.sent = True
         report: dict[str, Any] = {}
         with stopping.graceful_signals(at_once=self.process.kill):  # a second Ctrl+C does not wait for it
@@ -107,7 +122,9 @@ class HeadStart:
         return dict(report.get("figures", {}))
 
 
-def begin(config: BackfillConfig, dataset_name: str | None, enabled: bool = True) -> HeadStart | None:
+def begin(
+    config: BackfillConfig, dataset_name: str | None, asked: Asked = Asked(), enabled: bool = True
+) -> HeadStart | None:
     """Fork the head start for the first dataset ``materialize`` runs, or None when it cannot help."""
     names = [dataset_name] if dataset_name else list(config.datasets)
     if not enabled or not names or names[0] not in config.datasets:
@@ -119,7 +136,7 @@ def begin(config: BackfillConfig, dataset_name: str | None, enabled: bool = True
     handoff = context.Event()
     theirs, ours = context.Pipe(duplex=True)
     process = context.Process(
-        target=_child, args=(name, dataset, theirs, ours, handoff, os.getpid()), name="head-start", daemon=True
+        target=_child, args=(name, dataset, asked, theirs, ours, handoff, os.getpid()), name="head-start", daemon=True
     )
     process.start()
     theirs.close()
@@ -141,12 +158,15 @@ class _Log:
         self.warnings.append(message)
 
 
-def _child(name: str, dataset: DatasetConfig, conn: Any, parents: Any, handoff: Any, parent: int) -> None:
+def _child(name: str, dataset: DatasetConfig, asked: Asked, conn: Any, parents: Any, handoff: Any, parent: int) -> None:
     parents.close()
+    # pyarrow imports pandas with its first array of Python values, for nothing here: 0.12 s of the path to
+    # the first request (None in sys.modules makes that import fail, and pyarrow does without)
+    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
     stopping.install_for_process()  # Ctrl+C reaches it too: it finishes its requests in flight and stops
     started = time.monotonic()
     try:
-        report = asyncio.run(_work(name, dataset, conn, handoff, parent, started))
+        report = asyncio.run(_work(name, dataset, asked, conn, handoff, parent, started))
     except Exception as exc:  # noqa: BLE001 - an optimisation: the runs do its rows and meet the same error
         report = {"line": f"stopped ({mask_secrets(f'{type(exc).__name__}: {exc}')[:300]}); the runs do its rows"}
     with contextlib.suppress(BrokenPipeError, OSError):  # the CLI is gone
@@ -155,7 +175,9 @@ def _child(name: str, dataset: DatasetConfig, conn: Any, parents: Any, handoff: 
     os._exit(0)  # not the CLI's exit handlers, inherited by the fork
 
 
-async def _work(name: str, dataset: DatasetConfig, conn: Any, handoff: Any, parent: int, started: float) -> dict:
+async def _work(
+    name: str, dataset: DatasetConfig, asked: Asked, conn: Any, handoff: Any, parent: int, started: float
+) -> dict:
     from .engine import RowFailure, embed_texts, enrich_texts
     from .providers import build_embedding_provider, build_enrichment_provider, read_api_key, warm_up
     from .stores import Failure, open_store
@@ -172,11 +194,17 @@ async def _work(name: str, dataset: DatasetConfig, conn: Any, handoff: Any, pare
     stop: Callable[[], bool] = lambda: handoff.is_set() or stopping.requested() or os.getppid() != parent  # noqa: E731
     with open_store(name, dataset) as store:
         await provider.preflight()
-        kind, keys, limits, force = await asyncio.to_thread(_wait_for_go, conn, parent)
+        # read and classified while the CLI settles the partitions (from the table, as it will), paid for
+        # only if they are the first of those it runs
+        guessed = await asyncio.to_thread(_guessed_window, store, dataset, asked)
+        kind, keys = await asyncio.to_thread(_wait_for_go, conn, parent)
         if kind != GO or stop():
             await provider.aclose()
             return {}
-        todo = await asyncio.to_thread(_first_window, store, dataset, keys, limits or {}, force)
+        if guessed is not None and keys[: len(guessed[1])] == guessed[1]:
+            todo = guessed[0]
+        else:  # the guess was not the CLI's first partitions: read those
+            todo, _ = await asyncio.to_thread(_first_window, store, dataset, keys, asked)
         flag = "needs_enrichment" if enriching else "needs_embedding"
         todo = todo.filter(pc.fill_null(todo.column(flag), False)) if todo.num_rows else todo
         if not todo.num_rows or (not enriching and dataset.embedding.include_enrichment):
@@ -229,7 +257,7 @@ def _ahead(dataset: DatasetConfig, store: Any, stop: Callable[[], bool]) -> Any:
     return embeddings_ahead(dataset, provider, store.ledger, stop, _Log())
 
 
-def _wait_for_go(conn: Any, parent: int) -> tuple[str, list[str], dict[str, int] | None, bool]:
+def _wait_for_go(conn: Any, parent: int) -> tuple[str, list[str]]:
     waited = 0.0
     while waited < WAIT_SECONDS:
         if conn.poll(0.1):
@@ -240,23 +268,39 @@ def _wait_for_go(conn: Any, parent: int) -> tuple[str, list[str], dict[str, int]
         waited += 0.1
         if os.getppid() != parent:
             break
-    return CANCEL, [], None, False
+    return CANCEL, []
 
 
-def _first_window(store: Any, dataset: DatasetConfig, keys: list[str], limits: dict[str, int], force: bool) -> pa.Table:
-    """The first ``rows_in_memory`` rows needing work, partitions in the CLI's order, classified as the
-    detection step does (failures cooling down left out, ``--limit`` applied)."""
+def _guessed_window(store: Any, dataset: DatasetConfig, asked: Asked) -> tuple[pa.Table, list[str]] | None:
+    """The first window of the partitions the CLI will most likely run: those named, or those holding rows
+    in key order (registered ones, for id ranges and archives, which only the CLI can tell)."""
+    from .partitions import partition_activity
+
+    if asked.of_ids:
+        return None
+    keys = list(asked.partitions) or [key for key, _ in partition_activity(store.rows, dataset)]
+    try:
+        return _first_window(store, dataset, keys, asked)
+    except Exception:  # noqa: BLE001 - a key as typed (an archive value), say: the CLI's keys are read instead
+        return None
+
+
+def _first_window(store: Any, dataset: DatasetConfig, keys: list[str], asked: Asked) -> tuple[pa.Table, list[str]]:
+    """The first :data:`ROWS` rows needing work (at most a run's window), partitions in the CLI's order,
+    classified as the detection step does (failures cooling down left out, ``--limit`` applied), and the
+    keys read for them."""
     found: list[pa.Table] = []
-    count = 0
-    with contextlib.closing(_detected(store, dataset, keys, limits, force)) as tables:
+    count, rows = 0, min(ROWS, dataset.rows_in_memory)
+    read: list[str] = []
+    with contextlib.closing(_detected(store, dataset, keys, asked, read)) as tables:
         for detected in tables:
             work = _needs_work(detected)
             detected = detected.filter(work).select(["id", "text", "needs_embedding", "needs_enrichment"])
-            found.append(detected.slice(0, dataset.rows_in_memory - count))
+            found.append(detected.slice(0, rows - count))
             count += found[-1].num_rows
-            if count >= dataset.rows_in_memory:
+            if count >= rows:
                 break
-    return pa.concat_tables(found) if found else pa.table({})
+    return (pa.concat_tables(found) if found else pa.table({})), read
 
 
 def _needs_work(detected: pa.Table) -> pa.ChunkedArray:
@@ -264,15 +308,18 @@ def _needs_work(detected: pa.Table) -> pa.ChunkedArray:
 
 
 def _detected(
-    store: Any, dataset: DatasetConfig, keys: list[str], limits: dict[str, int], force: bool
+    store: Any, dataset: DatasetConfig, keys: list[str], asked: Asked, read: list[str]
 ) -> Generator[pa.Table, None, None]:
     from .detection import apply_limit, detect
     from .partitions import partition_spec
 
+    force, left = asked.force, asked.limit
     for key in keys:
-        left = limits.get(key)
+        if left == 0:
+            return
+        read.append(key)
         part = partition_spec(key, dataset, store.rows)
-        with contextlib.closing(store.rows.read_batches(part, dataset.read_batch_size)) as batches:
+        with contextlib.closing(store.rows.read_batches(part, min(ROWS, dataset.read_batch_size))) as batches:
             for batch in batches:
                 table = pa.Table.from_batches([batch])
                 ids = table.column("id").to_pylist()
@@ -288,8 +335,8 @@ def _detected(
 
 
 def _report(stage: str, usage: Any, spec: ProviderSpec, first: float, ahead: Any, dataset: DatasetConfig) -> dict:
-    """Its line, and its figures for the summary: what it paid for, under the stage's own names; the runs
-    counted those answers as cache hits, which this command paid for (so they are taken off again)."""
+    """Its line, and its figures for the summary: what it paid for, under the stage's own names (the runs
+    count the answers they took from it as cache hits)."""
     from .reporting import usage_metadata
     from .run_summary import PAID
 
@@ -301,7 +348,6 @@ def _report(stage: str, usage: Any, spec: ProviderSpec, first: float, ahead: Any
         values = usage_metadata(paid, spec_of)
         for k in PAID:
             figures[f"{what}_{k}"] = figures.get(f"{what}_{k}", 0) + values[f"provider_{k}"]
-        figures[f"{what}_cache_hits"] -= paid.inputs
     line = (
         f"{usage.inputs} texts paid for ({stage}, {usage.requests} requests, sending from {first:.1f}s after it "
         "forked) while Dagster started; the runs took the answers from the cache"

@@ -125,10 +125,7 @@ def run_windows(
                 if note:
                     log.info(f"{run.stage}: {note}")
                 done = 0
-                for todo in run.todo:
-                    if stopping.requested():
-                        run.unsent += todo.num_rows
-                        continue
+                for todo in run.todo:  # after a stop, each window still takes its answers already paid for
                     ids[:] = todo.column("id").to_pylist()
                     progress = functools.partial(_shifted, report, done, run.total)
                     alongside = asyncio.ensure_future(ahead.window(todo)) if ahead is not None else None

@@ -16,6 +16,7 @@ import asyncio
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,6 +154,7 @@ class RateSignals:
 
 MAX_LEARNED_BURST_SECONDS = 60.0  # OpenAI's buckets hold a minute; nothing larger is believed
 BURST_READ_SECONDS = 5.0  # how often a process looks at the burst the others learned
+STOP_POLL_SECONDS = 0.05  # how soon a request waiting for its slot notices a stop
 _MARGIN_SECONDS = 0.1  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
 
 
@@ -216,22 +218,31 @@ class RateLimiter:
         # a raised cap lets waiting requests through as the next one in flight ends (each end wakes them)
         self._waiting_cap = None if rank <= 0 else max(1, in_flight >> rank)
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int, stop: Callable[[], bool] | None = None) -> bool:
+        """Reserve a request of ``tokens`` and wait for its slot; False when ``stop`` turned true while it
+        waited (the reservation is given back: the budget goes to the requests that are still sent)."""
         if not self.enabled:
-            return
+            return True
         if self._turn is None:
             self._turn = asyncio.Condition()
         async with self._turn:
             await self._turn.wait_for(lambda: self._waiting_cap is None or self._waiting < self._waiting_cap)
             self._waiting += 1
         try:
-            await self._reserve_and_wait(tokens)
+            return await self._reserve_and_wait(tokens, stop)
         finally:
             async with self._turn:
                 self._waiting -= 1
                 self._turn.notify_all()
 
-    async def _reserve_and_wait(self, tokens: int) -> None:
+    async def give_back(self, tokens: int) -> None:
+        """Return the reservation of a request that was not sent (a stop came as its slot did): left
+        spent, a handover's unsent requests would hold the runs that go on back by seconds."""
+        if self.enabled:
+            request_seconds, token_seconds = self.costs(tokens)
+            await asyncio.to_thread(self.backend.reserve, self.key, -request_seconds, -token_seconds, 0.0)
+
+    async def _reserve_and_wait(self, tokens: int, stop: Callable[[], bool] | None) -> bool:
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
@@ -243,8 +254,10 @@ class RateLimiter:
         since = time.monotonic() - seen
         floors = (max(0.0, request_debt - since), max(0.0, token_debt - since))
         delay = await asyncio.to_thread(self.backend.reserve, self.key, request_seconds, token_seconds, burst, floors)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if not await _sleep_unless(delay, stop):
+            await self.give_back(tokens)
+            return False
+        return True
 
     async def _share_burst(self) -> None:
         """Every process of a budget uses the same burst: one that started later would otherwise queue
@@ -350,6 +363,20 @@ class RateLimiter:
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+async def _sleep_unless(seconds: float, stop: Callable[[], bool] | None) -> bool:
+    """Sleep ``seconds``, or less when ``stop`` turns true (then False)."""
+    if stop is None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        return True
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        if stop():
+            return False
+        await asyncio.sleep(min(left, STOP_POLL_SECONDS))
+    return not stop()
 
 
 def _lowest(configured: int | None, announced: int | None) -> int | None:

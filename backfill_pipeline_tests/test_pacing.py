@@ -243,3 +243,28 @@ def test_requests_that_start_together_use_the_shared_burst() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(two_at_once()) < 0.5
+
+
+def test_a_request_stopped_while_it_waits_gives_its_reservation_back() -> None:
+    """A stop (the head start handing over to the runs, Ctrl+C) ends the requests waiting for their slots at
+    once, and their reservations go back to the budget: the requests still sent are not held back by them."""
+    budget = LocalBudget()
+    limiter = RateLimiter(budget, "back", RateLimitSpec(requests_per_minute=600), burst_seconds=0.2)
+    stopped = {"now": False}
+
+    async def go() -> tuple[list[bool], float, float]:
+        started = time.monotonic()
+        waiting = [asyncio.ensure_future(limiter.acquire(1, lambda: stopped["now"])) for _ in range(20)]
+        await asyncio.sleep(0.3)  # 10 requests/s: the last ones hold slots ~2 s ahead
+        stopped["now"] = True
+        results = await asyncio.gather(*waiting)
+        ended = time.monotonic() - started
+        other = RateLimiter(budget, "back", RateLimitSpec(requests_per_minute=600), burst_seconds=0.2)
+        before = time.monotonic()
+        await other.acquire(1)  # another run's next request: the given-back slots are free again
+        return results, ended, time.monotonic() - before
+
+    results, ended, waited = asyncio.run(go())
+    assert results.count(True) in range(3, 8) and results.count(False) >= 13, results  # sent / not sent
+    assert ended < 0.6  # the waiting ones noticed the stop at once, not at their slots
+    assert waited < 0.3, waited  # kept spent, the 13+ unsent would delay it by ~1.5 s

@@ -111,10 +111,7 @@ async def call_with_retries(
     retry = policy.retry
     for attempt in range(1, retry.max_attempts + 1):
         async with gate:
-            if policy.stop():
-                raise StopRequested
-            await policy.limiter.acquire(tokens)
-            if policy.stop():
+            if policy.stop() or not await policy.limiter.acquire(tokens, policy.stop):
                 raise StopRequested
             provider.usage.requests += 1
             provider.usage.inputs += inputs

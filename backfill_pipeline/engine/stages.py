@@ -146,6 +146,8 @@ async def run_stage(
     hits = sum(done)
     provider.usage.cache_hits += hits
     tracker.add(hits)
+    if policy.stop():  # stopped: the answers already paid for (here or by another run) are all it takes
+        return StageResult([], [i for i in range(n) if not done[i]])
     groups = group_identical(keys, [i for i in range(n) if not done[i]])
     leaders = [members[0] for members in groups.values()]  # identical texts are paid for once
     in_flight = max_in_flight or policy.max_in_flight
