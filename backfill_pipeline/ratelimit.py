@@ -155,7 +155,7 @@ class RateSignals:
 MAX_LEARNED_BURST_SECONDS = 60.0  # OpenAI's buckets hold a minute; nothing larger is believed
 BURST_READ_SECONDS = 5.0  # how often a process looks at the burst the others learned
 STOP_POLL_SECONDS = 0.05  # how soon a request waiting for its slot notices a stop
-_MARGIN_SECONDS = 0.1  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
+_MARGIN_SECONDS = 0.05  # arrivals jitter (a busy machine, a large body to parse): keep this much in the bucket
 
 
 class RateLimiter:
