@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -145,24 +145,18 @@ def begin(
 
 
 # -- the head start process ------------------------------------------------------------------------------
-@dataclass
 class _Log:
-    """Warnings to stderr, as the runs' console logger shows them; the rest is for the runs' event logs."""
-
-    warnings: list[str] = field(default_factory=list)
+    """Its warnings on stderr, as the runs' console logger shows theirs; nothing else."""
 
     def info(self, message: str) -> None:
         pass
 
     def warning(self, message: str) -> None:
-        self.warnings.append(message)
+        print(f"head start: {message}", file=sys.stderr)
 
 
 def _child(name: str, dataset: DatasetConfig, asked: Asked, conn: Any, parents: Any, handoff: Any, parent: int) -> None:
     parents.close()
-    # pyarrow imports pandas with its first array of Python values, for nothing here: 0.12 s of the path to
-    # the first request (None in sys.modules makes that import fail, and pyarrow does without)
-    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
     stopping.install_for_process()  # Ctrl+C reaches it too: it finishes its requests in flight and stops
     started = time.monotonic()
     try:
@@ -275,13 +269,14 @@ def _guessed_window(store: Any, dataset: DatasetConfig, asked: Asked) -> tuple[p
     """The first window of the partitions the CLI will most likely run: those named, or those holding rows
     in key order (registered ones, for id ranges and archives, which only the CLI can tell)."""
     from .partitions import partition_activity
+    from .stores import SchemaError
 
     if asked.of_ids:
         return None
     keys = list(asked.partitions) or [key for key, _ in partition_activity(store.rows, dataset)]
     try:
         return _first_window(store, dataset, keys, asked)
-    except Exception:  # noqa: BLE001 - a key as typed (an archive value), say: the CLI's keys are read instead
+    except SchemaError:  # a key as typed (an archive value, say): the CLI's keys are read after the go
         return None
 
 

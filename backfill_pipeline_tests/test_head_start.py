@@ -116,3 +116,26 @@ def test_a_killed_cli_leaves_no_head_start_sending_and_loses_no_answer(demo_db, 
     assert again.returncode == 0 and f"{key}: ok" in out, out + err[-3000:]
     assert server.repeated_texts("chat") == 0  # what the head start was answered was cached, not paid again
     assert query(demo_db, PENDING)[0][0] == 0
+
+
+def test_a_wrong_guess_pays_only_for_the_partitions_the_command_runs(demo_db, tmp_path, monkeypatch, server) -> None:
+    """The head start reads the first partitions holding rows before the CLI has settled which it runs; when
+    the first is not registered (so not run), it pays for none of its rows and reads the CLI's instead."""
+    monkeypatch.setenv("HEAD_START_DB", f"sqlite:///{demo_db}")
+    env, instance, keys = _slow_dataset(
+        demo_db, tmp_path, monkeypatch, server, width=100, database_url={"env": "HEAD_START_DB"}
+    )
+    env["HEAD_START_DB"] = f"sqlite:///{demo_db}"
+    assert len(keys) >= 3
+    instance.delete_dynamic_partition("jobs_partitions", keys[0])  # guessed first, but not run
+    proc = _materialize(env, "--json", "--force")  # every row with text needs work, the first partition's too
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out + err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("head start: "))
+    assert int(line.split()[2]) > 0, line  # it paid, for the partitions the command runs
+    first_hi = int(keys[0].split("-")[1])
+    enriched = "SELECT count(*) FROM job_postings WHERE enrichment_model = 'gpt-4o-mini' AND id {} ?"
+    assert query(demo_db, enriched.format("<="), (first_hi,))[0][0] == 0  # the unregistered partition: untouched
+    run_rows = query(demo_db, enriched.format(">"), (first_hi,))[0][0]
+    assert 0 < server.count("chat", 200) <= run_rows  # one request a text, for the rows run and no other
+    assert server.repeated_texts("chat") == 0

@@ -328,7 +328,7 @@ def main() -> None:
             finally:
                 server.stop()
         if "pgai 0.12" in rates:
-            print(f"this project / pgai = {rates['backfill'] / rates['pgai 0.12']:.2f} (target >= 1.0)")
+            print(f"this project / pgai = {rates['backfill'] / rates['pgai 0.12']:.3f} (target >= 1.0)")
     finally:
         cluster.destroy()
 
