@@ -4,6 +4,7 @@ expiry and cancellation, and a run killed while its batch is pending that resume
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from backfill_pipeline.engine import embed_texts
+from backfill_pipeline.engine.batch_stage import BatchJournal
+from backfill_pipeline.policy import build_policy
+from backfill_pipeline.providers import build_embedding_provider
+from backfill_pipeline.stores import open_store
 
 from .conftest import REPO, query, subprocess_env
 from .fake_providers import GEMINI_KEY, OPENAI_KEY, FakeProviderServer
@@ -165,3 +172,19 @@ def test_the_plan_shows_both_prices_and_the_batch_limits(demo_db, tmp_path, monk
     assert f"realtime ${realtime:.4f}, batch ${batch:.4f}" in text
     assert f"embedding batches: {batches} (OpenAI Batch API: at most 50,000 requests, 50,000 inputs" in text
     assert server.count("batches") == 0 and not server.batches.created  # a dry run submits nothing
+
+
+def test_after_a_stop_nothing_new_is_submitted(demo_db, tmp_path, monkeypatch, server) -> None:
+    """A step that begins its window after Ctrl+C takes what is cached and submits no batch."""
+    _, config = setup(tmp_path, batch_config(demo_db, server), monkeypatch)
+    dataset = config.datasets["jobs"]
+    with open_store("jobs", dataset) as store:
+        policy = build_policy(dataset, dataset.embedding, store.ledger)
+        policy.batches = BatchJournal(
+            store.ledger, "0000000000-0000000999", "embedding", dataset.embedding.batch, print
+        )
+        policy.stop = lambda: True
+        provider = build_embedding_provider(dataset.embedding, OPENAI_KEY)
+        outcome = asyncio.run(embed_texts(provider, ["one posting", "another posting"], batch_size=8, policy=policy))
+    assert outcome.unsent == [0, 1] and not outcome.failures
+    assert len(server.batches.created) == 0 and server.count("embeddings") == 0

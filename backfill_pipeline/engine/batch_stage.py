@@ -113,7 +113,8 @@ async def run_batch_stage(
 
     records = await _resume(api, journal)
     waiting = {k for r in records for line in r.lines for k in line}
-    new = [members[0] for key, members in groups.items() if key not in waiting]
+    # after a stop nothing new is submitted; batches already at the provider are still collected if done
+    new = [] if policy.stop() else [members[0] for key, members in groups.items() if key not in waiting]
     if new:
         # one text per request line: a batch holds 50,000 inputs however they are grouped, and a line the API
         # refuses (one bad input) then fails one row, not its neighbours (realtime splits a refused request)
