@@ -60,11 +60,19 @@ def cmd_create_demo_db(config: BackfillConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(config: BackfillConfig, args: argparse.Namespace) -> int:
-    ok = True
     stopping.reset()
     stopping.exit_on_second_signal()
     asked = head_start.Asked(args.force, args.limit, tuple(args.partition or ()), bool(args.partition_of))
     head = head_start.begin(config, args.dataset, asked, enabled=not args.no_head_start)  # before Dagster is imported
+    try:
+        return _materialize(config, args, head)
+    finally:
+        if head is not None:  # an error before the runs: it pays for nothing and ends
+            head.cancel()
+
+
+def _materialize(config: BackfillConfig, args: argparse.Namespace, head: head_start.HeadStart | None) -> int:
+    ok = True
     from .cli_materialize import materialize_partitions
     from .cli_runs import fail_dead_cli_runs
 

@@ -99,13 +99,18 @@ class HeadStart:
             self.conn.send((GO, keys))
             self.sent = True
 
+    def cancel(self) -> None:
+        """Send nothing more (a head start not yet told to go pays for nothing); it ends by itself."""
+        self.handoff.set()
+        if not self.sent:
+            with contextlib.suppress(BrokenPipeError, OSError):  # it is gone already
+                self.conn.send((CANCEL, []))
+            self.sent = True
+
     def finish(self, out: Any) -> dict[str, float]:
         """Stop it (if the runs did not), wait for its requests in flight, print its line on ``out``;
         return its figures for the run summary."""
-        self.handoff.set()
-        if not self.sent:
-            self.conn.send((CANCEL, []))
-            self.sent = True
+        self.cancel()
         report: dict[str, Any] = {}
         with stopping.graceful_signals(at_once=self.process.kill):  # a second Ctrl+C does not wait for it
             answered = self.conn.poll(60.0)

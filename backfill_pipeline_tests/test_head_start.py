@@ -139,3 +139,22 @@ def test_a_wrong_guess_pays_only_for_the_partitions_the_command_runs(demo_db, tm
     run_rows = query(demo_db, enriched.format(">"), (first_hi,))[0][0]
     assert 0 < server.count("chat", 200) <= run_rows  # one request a text, for the rows run and no other
     assert server.repeated_texts("chat") == 0
+
+
+def test_a_command_that_fails_before_its_runs_leaves_no_head_start_waiting(
+    demo_db, tmp_path, monkeypatch, server, capsys
+) -> None:
+    """An unknown partition is one line and exit 2; the head start forked before it pays for nothing and ends
+    at once, in a process that lives on (a notebook, a test), not after waiting ten minutes for its go."""
+    import multiprocessing
+
+    from backfill_pipeline.cli import main
+
+    _env_url(tmp_path, demo_db, monkeypatch, server)
+    assert main(["materialize", "--yes", "--partition", "no-such-partition"]) == 2
+    assert "no partition 'no-such-partition'" in capsys.readouterr().err
+    deadline = time.time() + 10
+    while any(p.name == "head-start" for p in multiprocessing.active_children()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(p.name == "head-start" for p in multiprocessing.active_children())
+    assert server.count("chat") == 0 and server.count("embeddings") == 0
