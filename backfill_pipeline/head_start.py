@@ -3,10 +3,11 @@
 A CLI command spends its first seconds importing Dagster, opening its instance and starting the first
 run before a step sends anything (about 3 s on two cores): against a provider's rate limit, seconds of a
 full bucket left unused. So ``materialize`` forks a head start before it imports Dagster. On the other
-core it imports the provider's SDK, opens the database and checks the model; once the CLI has settled
-which partitions it runs (and the operator confirmed), it reads the first partition's rows, classifies
-them as the detection step does, and sends the first window of rows needing work through the engine,
-under the same rate budget, paid-results cache and claims as the runs.
+core it imports the provider's SDK, opens the database, checks the model, and reads and classifies (as the
+detection step does) the first :data:`ROWS` rows needing work of the partitions the CLI will most likely
+run. Once the CLI has settled which partitions it runs (and the operator confirmed), it sends those rows,
+if the guess was right (else it reads the CLI's first partitions), through the engine, under the same
+rate budget, paid-results cache and claims as the runs.
 
 The head start stops as soon as the first run's paid step begins (:func:`taken_over`): its requests in
 flight are answered and cached, the claims on its other texts are released. That step finds the answers
