@@ -86,6 +86,5 @@ def embeddings_ahead(
 ) -> EmbeddingsAhead:
     """Sending ahead under the embedding model's own policy: its shared rate budget and the same cache and
     claims as the embeddings step, so no text is paid twice by the two steps or by other runs."""
-    policy = build_policy(dataset, dataset.embedding, ledger)
-    policy.stop, policy.stop_grace_seconds = stop, dataset.stop_grace_seconds
+    policy = build_policy(dataset, dataset.embedding, ledger, stop=stop)
     return EmbeddingsAhead(provider, policy, dataset.embedding, log)

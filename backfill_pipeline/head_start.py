@@ -178,9 +178,10 @@ def _child(name: str, dataset: DatasetConfig, asked: Asked, conn: Any, parents: 
 async def _work(
     name: str, dataset: DatasetConfig, asked: Asked, conn: Any, handoff: Any, parent: int, started: float
 ) -> dict:
-    from .engine import RowFailure, embed_texts, enrich_texts
+    from .engine import embed_texts, enrich_texts
+    from .policy import build_policy, failure_recorder
     from .providers import build_embedding_provider, build_enrichment_provider, read_api_key, warm_up
-    from .stores import Failure, open_store
+    from .stores import open_store
 
     spec = first_stage(dataset)
     warm_up(spec)  # the SDK and the tokenizer, while the CLI imports Dagster
@@ -210,16 +211,9 @@ async def _work(
         if not todo.num_rows or (not enriching and dataset.embedding.include_enrichment):
             await provider.aclose()
             return {}
+        policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0), stop=stop)
         ids = todo.column("id").to_pylist()
-        policy = _policy(dataset, spec, store, stop)
-        lock = asyncio.Lock()  # the store's connection takes one transaction at a time
-
-        async def record(failed: list[RowFailure]) -> None:
-            found = [Failure(ids[f.index], stage_name, f.error_class, f.message) for f in failed]
-            async with lock:
-                await asyncio.to_thread(store.ledger.record_failures, found)
-
-        policy.record_failures = record
+        policy.record_failures = failure_recorder(store.ledger, ids, stage_name, asyncio.Lock())
         ahead = _ahead(dataset, store, stop) if enriching else None
         first = time.monotonic() - started
         texts = todo.column("text").to_pylist()
@@ -237,14 +231,6 @@ async def _work(
             if ahead is not None:
                 await ahead.aclose()
     return _report(stage_name, provider.usage, spec, first, ahead, dataset)
-
-
-def _policy(dataset: DatasetConfig, spec: ProviderSpec, store: Any, stop: Callable[[], bool]) -> Any:
-    from .policy import build_policy
-
-    policy = build_policy(dataset, spec, store.ledger, getattr(spec, "expected_output_tokens", 0))
-    policy.stop, policy.stop_grace_seconds = stop, dataset.stop_grace_seconds
-    return policy
 
 
 def _ahead(dataset: DatasetConfig, store: Any, stop: Callable[[], bool]) -> Any:
@@ -295,7 +281,7 @@ def _first_window(store: Any, dataset: DatasetConfig, keys: list[str], asked: As
     read: list[str] = []
     with contextlib.closing(_detected(store, dataset, keys, asked, read)) as tables:
         for detected in tables:
-            work = _needs_work(detected)
+            work = pc.or_(detected.column("needs_embedding"), detected.column("needs_enrichment"))
             detected = detected.filter(work).select(["id", "text", "needs_embedding", "needs_enrichment"])
             found.append(detected.slice(0, rows - count))
             count += found[-1].num_rows
@@ -304,17 +290,13 @@ def _first_window(store: Any, dataset: DatasetConfig, keys: list[str], asked: As
     return (pa.concat_tables(found) if found else pa.table({})), read
 
 
-def _needs_work(detected: pa.Table) -> pa.ChunkedArray:
-    return pc.or_(detected.column("needs_embedding"), detected.column("needs_enrichment"))
-
-
 def _detected(
     store: Any, dataset: DatasetConfig, keys: list[str], asked: Asked, read: list[str]
 ) -> Generator[pa.Table, None, None]:
-    from .detection import apply_limit, detect
     from .partitions import partition_spec
+    from .steps import classify
 
-    force, left = asked.force, asked.limit
+    left = asked.limit
     for key in keys:
         if left == 0:
             return
@@ -322,14 +304,7 @@ def _detected(
         part = partition_spec(key, dataset, store.rows)
         with contextlib.closing(store.rows.read_batches(part, min(ROWS, dataset.read_batch_size))) as batches:
             for batch in batches:
-                table = pa.Table.from_batches([batch])
-                ids = table.column("id").to_pylist()
-                cooling = set() if force else store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
-                detected = detect(table, dataset, force=force, cooling_ids=cooling)
-                if left is not None:
-                    before = int(pc.sum(_needs_work(detected)).as_py() or 0)
-                    detected = apply_limit(detected, left)
-                    left -= min(before, left)
+                detected, left = classify(store, dataset, pa.Table.from_batches([batch]), force=asked.force, left=left)
                 yield detected
                 if left == 0:
                     break

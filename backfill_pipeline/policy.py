@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable, Sequence
 
 from .cache import NullCache, RedisCache, ResultCache, StoreCache
 from .config import DatasetConfig, EnvRef, ProviderSpec
-from .engine import CallPolicy
+from .engine import CallPolicy, RowFailure
 from .ratelimit import BudgetBackend, LocalBudget, RateLimiter, RedisBudget, StoreBudget
-from .stores import Ledger
+from .stores import Failure, Ledger
 
 _LOCAL_BUDGET = LocalBudget()  # one per process, for the 'local' backend
 
@@ -26,8 +28,14 @@ def budget_key(spec: ProviderSpec) -> str:
 
 
 def build_policy(
-    dataset: DatasetConfig, spec: ProviderSpec, ledger: Ledger, expected_output_tokens: int = 0
+    dataset: DatasetConfig,
+    spec: ProviderSpec,
+    ledger: Ledger,
+    expected_output_tokens: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> CallPolicy:
+    """The policy for one stage's calls; ``stop`` (when given) ends them gracefully, with the dataset's grace
+    for the requests in flight."""
     limiter_spec = dataset.rate_limiter
     backend: BudgetBackend
     if limiter_spec.backend == "redis":
@@ -45,7 +53,7 @@ def build_policy(
         cache = NullCache()
     if spec.provider in ("offline", "local"):
         cache = NullCache()  # free and deterministic: nothing to save
-    return CallPolicy(
+    policy = CallPolicy(
         limiter=RateLimiter(backend, budget_key(spec), spec.rate_limit, limiter_spec.burst_seconds),
         cache=cache,
         retry=spec.retry,
@@ -53,3 +61,18 @@ def build_policy(
         expected_output_tokens=expected_output_tokens,
         claim_seconds=dataset.cache.claim_seconds,
     )
+    if stop is not None:
+        policy.stop, policy.stop_grace_seconds = stop, dataset.stop_grace_seconds
+    return policy
+
+
+def failure_recorder(ledger: Ledger, ids: Sequence[object], stage: str, one_at_a_time: asyncio.Lock) -> Callable:
+    """The engine's ``record_failures`` for rows ``ids`` (the current window's, by index): paid answers that
+    cannot be used go to the ledger as they come, one transaction at a time on its connection."""
+
+    async def record(failed: list[RowFailure]) -> None:
+        found = [Failure(ids[f.index], stage, f.error_class, f.message) for f in failed]
+        async with one_at_a_time:
+            await asyncio.to_thread(ledger.record_failures, found)
+
+    return record

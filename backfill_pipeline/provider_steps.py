@@ -25,7 +25,7 @@ from .embed_ahead import EmbeddingsAhead, embeddings_ahead, embeds_ahead
 from .engine import CallPolicy, RowFailure, embed_texts, enrich_texts
 from .engine.batch_stage import BatchJournal
 from .leases import Lease
-from .policy import build_policy
+from .policy import build_policy, failure_recorder
 from .providers.base import EmbeddingProvider, EnrichmentProvider, Usage
 from .reporting import Log, accounting_line, progress_logger, timing, usage_metadata
 from .results import (
@@ -41,7 +41,7 @@ from .results import (
 from .rows import enrichment_col
 from .spool import Spool, SpoolWriter, as_spool, count_true, release_memory, rows_where, spool_of
 from .steps import StepResult, skipped, write_rows
-from .stores import Failure, Store
+from .stores import Store
 
 P = TypeVar("P", EmbeddingProvider, EnrichmentProvider)
 
@@ -90,17 +90,11 @@ def run_windows(
         if holder is not None:
             return holder
         provider = make_provider()
-        policy = build_policy(dataset, run.spec, store.ledger, getattr(run.spec, "expected_output_tokens", 0))
-        policy.stop, policy.stop_grace_seconds = stopping.requested, dataset.stop_grace_seconds
+        expected = getattr(run.spec, "expected_output_tokens", 0)
+        policy = build_policy(dataset, run.spec, store.ledger, expected, stop=stopping.requested)
         one_at_a_time = asyncio.Lock()  # the store's connection takes one transaction at a time
         ids: list[object] = []  # the current window's ids, for failures recorded as they come
-
-        async def record_now(failed: list[RowFailure]) -> None:
-            found = [Failure(ids[f.index], failure_stage, f.error_class, f.message) for f in failed]
-            async with one_at_a_time:
-                await asyncio.to_thread(store.ledger.record_failures, found)
-
-        policy.record_failures = record_now
+        policy.record_failures = failure_recorder(store.ledger, ids, failure_stage, one_at_a_time)
         if run.spec.mode == "batch":
             policy.batches = BatchJournal(store.ledger, lease.key, failure_stage, run.spec.batch, log.info)
         writer = SpoolWriter(run.schema)

@@ -99,17 +99,9 @@ def detect_rows(
     writer: SpoolWriter | None = None
     requeued = 0
     for batch in raw.batches(dataset.rows_in_memory):
-        cooling: set[object] = set()
-        if not force and store is not None:
-            ids = batch.column("id").to_pylist()
-            if requeue_failed:
-                requeued += store.ledger.requeue_failures(ids)
-            cooling = store.ledger.cooling_down_ids(ids, dataset.failure_cooldown_hours)
-        detected = detect(batch, dataset, force=force, cooling_ids=cooling)
-        if left is not None:
-            before = _work_rows(detected)
-            detected = apply_limit(detected, left)
-            left -= min(before, left)
+        if requeue_failed and not force and store is not None:
+            requeued += store.ledger.requeue_failures(batch.column("id").to_pylist())
+        detected, left = classify(store, dataset, batch, force=force, left=left)
         counts.update(reason_counts(detected))
         for column in needing:
             needing[column] += pc.sum(detected.column(column)).as_py() or 0
@@ -130,6 +122,22 @@ def detect_rows(
             **timing(started, out.num_rows),
         },
     )
+
+
+def classify(
+    store: Store | None, dataset: DatasetConfig, batch: pa.Table, *, force: bool, left: int | None
+) -> tuple[pa.Table, int | None]:
+    """One batch classified as a run does (failures cooling down left out unless ``force``), at most ``left``
+    rows of work kept (``--limit``, shared over the batches in order); and what is left of it."""
+    cooling: set[object] = set()
+    if not force and store is not None:
+        cooling = store.ledger.cooling_down_ids(batch.column("id").to_pylist(), dataset.failure_cooldown_hours)
+    detected = detect(batch, dataset, force=force, cooling_ids=cooling)
+    if left is not None:
+        before = _work_rows(detected)
+        detected = apply_limit(detected, left)
+        left -= min(before, left)
+    return detected, left
 
 
 def _work_rows(detected: pa.Table) -> int:
